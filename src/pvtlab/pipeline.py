@@ -1,0 +1,248 @@
+"""Train and evaluate: turn a composed config into objects, run them, return the metrics.
+
+This is the one place where configs become objects. Data flows one way: config, then the data
+module, the model and the task, then the Lightning Trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from pvtlab.models import create_backbone
+from pvtlab.tasks.base import TaskModule
+from pvtlab.utils.config import (
+    ConfigError,
+    check_compatible,
+    config_without,
+    print_config_tree,
+    save_resolved_config,
+)
+
+log = logging.getLogger(__name__)
+
+# Fields of a group's config that describe the choice rather than being constructor arguments.
+TASK_META = ("kind", "monitor", "monitor_mode")
+HEAD_META = ("kind", "features_only")
+
+
+def build_model(backbone: Mapping[str, Any], head: Mapping[str, Any], num_classes: int) -> nn.Module:
+    """The network: a timm backbone (pyramid features or its own classifier) under a head.
+
+    Args:
+        backbone: the `backbone` config group (name, pretrained, drop_path_rate, kwargs).
+        head: the `head` config group (`_target_` and its arguments, plus kind / features_only).
+        num_classes: classes of the data set.
+    """
+    backbone = dict(backbone)
+    head_cfg = OmegaConf.create(dict(head))
+    network = create_backbone(
+        backbone["name"],
+        features_only=bool(head_cfg.get("features_only", True)),
+        num_classes=num_classes,
+        pretrained=backbone.get("pretrained"),
+        drop_path_rate=backbone.get("drop_path_rate"),
+        **dict(backbone.get("kwargs") or {}),
+    )
+    return instantiate(config_without(head_cfg, HEAD_META), backbone=network, num_classes=num_classes)
+
+
+def model_config(cfg: DictConfig) -> dict[str, Any]:
+    """The plain, resolved description of the network that a checkpoint carries."""
+    return {
+        "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
+        "head": OmegaConf.to_container(cfg.head, resolve=True),
+        "num_classes": int(cfg.data.num_classes),
+    }
+
+
+def build_task(cfg: DictConfig, description: Mapping[str, Any] | None = None) -> TaskModule:
+    """The LightningModule of `cfg.task` around the network `description` (default: from cfg)."""
+    description = dict(description or model_config(cfg))
+    model = build_model(description["backbone"], description["head"], description["num_classes"])
+    return instantiate(
+        config_without(cfg.task, TASK_META),
+        model=model,
+        model_config=description,
+        _convert_="all",
+    )
+
+
+def _instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate every `_target_` entry of a callbacks / logger group (entries may be null)."""
+    if not group:
+        return []
+    return [instantiate(entry) for entry in group.values() if entry and "_target_" in entry]
+
+
+def build_trainer(cfg: DictConfig) -> L.Trainer:
+    callbacks = _instantiate_group(cfg.get("callbacks"))
+    loggers = _instantiate_group(cfg.get("logger"))
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+
+def resolve_ckpt_path(value: str | None, cfg: DictConfig) -> str | None:
+    """`last` means the newest `last.ckpt` among this task's runs; any other value is a path."""
+    if value in (None, ""):
+        return None
+    if value == "last":
+        runs = Path(cfg.paths.log_dir) / cfg.task.kind
+        candidates = sorted(runs.glob("*/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        candidates += sorted(runs.glob("*/*/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not candidates:
+            raise ConfigError(f"ckpt_path=last: no last.ckpt under {runs}/*/ (no earlier {cfg.task.kind} run)")
+        return str(max(candidates, key=lambda p: p.stat().st_mtime))
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path={value}: no such file")
+    return str(path)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint file without running pickled code, with a clear error if it is not one."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several unrelated types for a foreign file
+        raise ConfigError(f"{path} is not a loadable checkpoint ({type(error).__name__}: {error})") from error
+    if not isinstance(checkpoint, dict):
+        raise ConfigError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dictionary")
+    return checkpoint
+
+
+def load_task(cfg: DictConfig, ckpt_path: str | Path) -> TaskModule:
+    """A task rebuilt from a pvtlab checkpoint: its saved network description, then its weights."""
+    checkpoint = read_checkpoint(ckpt_path)
+    if "state_dict" not in checkpoint:
+        raise ConfigError(
+            f"{ckpt_path} has no 'state_dict': not a pvtlab training checkpoint. Released or exported "
+            f"backbone weights go to backbone.pretrained={ckpt_path} instead."
+        )
+    description = checkpoint.get("hyper_parameters", {}).get("model_config")
+    if description is None:
+        log.warning("%s carries no model description; building the model from the config", ckpt_path)
+    task = build_task(cfg, description)
+    missing, unexpected = task.load_state_dict(checkpoint["state_dict"], strict=False)
+    if missing or unexpected:
+        raise ConfigError(
+            f"{ckpt_path} does not fit task={cfg.task.kind}: missing keys {missing[:10]}"
+            f"{' ...' if len(missing) > 10 else ''}, unexpected keys {unexpected[:10]}"
+            f"{' ...' if len(unexpected) > 10 else ''}"
+        )
+    return task
+
+
+def _prepare(cfg: DictConfig) -> Path:
+    """Checks that need no data, then the config tree printed and saved with the run."""
+    check_compatible(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    print_config_tree(cfg, save_to=output_dir / "config_tree.log")
+    save_resolved_config(cfg, output_dir / "config.yaml")
+    torch.set_float32_matmul_precision("high")
+    L.seed_everything(cfg.seed, workers=True)
+    return output_dir
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit `cfg.task` on `cfg.data`, then test the best checkpoint; return the final metrics."""
+    output_dir = _prepare(cfg)
+    datamodule = instantiate(cfg.data)
+    task = build_task(cfg)
+    if cfg.get("compile"):
+        task.compile_model()
+    trainer = build_trainer(cfg)
+    _log_run_facts(trainer, task)
+
+    metrics: dict[str, float] = {}
+    try:
+        if cfg.get("train", True):
+            trainer.fit(task, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), cfg))
+            metrics.update(_scalars(trainer.callback_metrics))
+        if cfg.get("test", True):
+            best = _best_checkpoint(trainer)
+            trainer.test(task, datamodule=datamodule, ckpt_path=best, weights_only=True)
+            metrics.update(_scalars(trainer.callback_metrics))
+    finally:
+        _finish_loggers(trainer)
+    print_summary(task, trainer, metrics, output_dir)
+    return metrics
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Score a checkpoint (or `backbone.pretrained` weights) on the chosen split; return metrics."""
+    output_dir = _prepare(cfg)
+    datamodule = instantiate(cfg.data)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg)
+    task = load_task(cfg, ckpt_path) if ckpt_path else build_task(cfg)
+    trainer = build_trainer(cfg)
+    run = trainer.test if cfg.get("split", "val") == "test" else trainer.validate
+    try:
+        run(task, datamodule=datamodule)
+        metrics = _scalars(trainer.callback_metrics)
+    finally:
+        _finish_loggers(trainer)
+    print_summary(task, trainer, metrics, output_dir)
+    return metrics
+
+
+def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if torch.as_tensor(v).numel() == 1}
+
+
+def _best_checkpoint(trainer: L.Trainer) -> str | None:
+    callback = trainer.checkpoint_callback
+    path = getattr(callback, "best_model_path", "") if callback is not None else ""
+    return path or None
+
+
+def _log_run_facts(trainer: L.Trainer, task: TaskModule) -> None:
+    facts = {"model/params": task.num_parameters()}
+    for logger in trainer.loggers:
+        logger.log_hyperparams(facts)
+
+
+def _finish_loggers(trainer: L.Trainer) -> None:
+    """W&B never finishes its run by itself: without this, the next multirun job reuses it."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
+
+
+def print_summary(task: TaskModule, trainer: L.Trainer, metrics: Mapping[str, float], output_dir: Path) -> None:
+    """The end-of-run table: metrics (and task-specific figures), then where everything went."""
+    table = Table(title="Results", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name in sorted(metrics):
+        if name.startswith(("val/", "test/")):
+            table.add_row(name, f"{metrics[name]:.4f}")
+    summarize = getattr(task, "summary_rows", None)
+    for name, value in (summarize(metrics) if callable(summarize) else {}).items():
+        table.add_row(name, value)
+    console = Console()
+    console.print(table)
+    console.print(f"Run folder:      {output_dir}")
+    best = _best_checkpoint(trainer)
+    callback = trainer.checkpoint_callback
+    last = getattr(callback, "last_model_path", "") if callback is not None else ""
+    if best:
+        console.print(f"Best checkpoint: {best}")
+    if last:
+        console.print(f"Last checkpoint: {last}")
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            console.print(f"Metrics:         {Path(logger.log_dir) / 'metrics.csv'}")
+        elif isinstance(logger, Logger) and getattr(logger, "save_dir", None):
+            console.print(f"{type(logger).__name__}: {logger.save_dir}")
+    console.print(f"Log:             {output_dir / 'train.log'}")

@@ -1,0 +1,59 @@
+"""What every pvtlab task shares: the wrapped model, its description, optimizer and schedule."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+from torch import nn
+
+from pvtlab.tasks.optim import ScheduleSpec, build_optimizer, build_scheduler
+
+
+class TaskModule(L.LightningModule):
+    """Base LightningModule: owns `model`, builds the optimizer and a per-step schedule.
+
+    Args:
+        model: the network (backbone + head) built by `pvtlab.pipeline.build_model`.
+        model_config: plain description of `model` (backbone, head, num_classes), saved in the
+            checkpoint so that `pvtlab.pipeline.load_task` can rebuild it without the run's config.
+        optimizer: keyword arguments of `pvtlab.tasks.optim.build_optimizer`.
+        scheduler: fields of `pvtlab.tasks.optim.ScheduleSpec`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        model_config: Mapping[str, Any] | None = None,
+        optimizer: Mapping[str, Any] | None = None,
+        scheduler: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        # Plain values only: checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["model"])
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = build_optimizer(self.model, **dict(self.hparams.optimizer or {}))
+        spec = ScheduleSpec(**_tuples(self.hparams.scheduler or {}))
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs not in (None, -1) else None
+        steps_per_epoch = total_steps / max_epochs if max_epochs else float(total_steps)
+        scheduler = build_scheduler(optimizer, spec, total_steps, steps_per_epoch)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
+
+    def compile_model(self, **kwargs: Any) -> None:
+        """Compile the network's forward in place (parameter names, hence checkpoints, unchanged)."""
+        self.model.compile(**kwargs)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def _tuples(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Config lists become tuples so that frozen dataclasses hash and compare."""
+    return {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in values.items()}
