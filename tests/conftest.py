@@ -51,6 +51,8 @@ def make_config(tmp_path: Path, data_dir: Path) -> Callable[..., DictConfig]:
     """`make_config(["task=detection", ...])`: a composed config writing under tmp_path."""
 
     def make(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
-        return compose_config(overrides, config_name, output_dir=tmp_path / "run", data_dir=data_dir)
+        return compose_config(
+            overrides, config_name, output_dir=tmp_path / "run", data_dir=data_dir
+        )
 
     return make

@@ -21,12 +21,21 @@ DEBUG_RUNS = {
 }
 
 
-def run_cli(script: str, args: list[str], tmp_path: Path, data_dir: Path) -> subprocess.CompletedProcess:
+def run_cli(
+    script: str, args: list[str], tmp_path: Path, data_dir: Path
+) -> subprocess.CompletedProcess:
     env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
-    command = [sys.executable, str(REPO / "src" / script), *args,
-               f"paths.log_dir={tmp_path / 'outputs'}", f"paths.data_dir={data_dir}"]
+    command = [
+        sys.executable,
+        str(REPO / "src" / script),
+        *args,
+        f"paths.log_dir={tmp_path / 'outputs'}",
+        f"paths.data_dir={data_dir}",
+    ]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    assert result.returncode == 0, (
+        f"{' '.join(command)}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    )
     return result
 
 
@@ -44,7 +53,11 @@ def test_unknown_group_choice_lists_the_valid_ones(tmp_path: Path, data_dir: Pat
     env = dict(os.environ, WANDB_MODE="offline")
     result = subprocess.run(
         [sys.executable, str(REPO / "src" / "train.py"), "backbone=pvt_huge", "trainer=debug"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode != 0
     assert "pvt_small" in result.stderr + result.stdout

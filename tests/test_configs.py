@@ -13,8 +13,19 @@ from omegaconf import OmegaConf
 from pvtlab.utils.config import ConfigError, check_compatible
 from tests.conftest import CONF_DIR, compose_config
 
-GROUPS = ("backbone", "task", "head", "data", "recipe", "trainer", "logger", "callbacks", "paths",
-          "experiment", "ablation")
+GROUPS = (
+    "backbone",
+    "task",
+    "head",
+    "data",
+    "recipe",
+    "trainer",
+    "logger",
+    "callbacks",
+    "paths",
+    "experiment",
+    "ablation",
+)
 
 
 def _options(group: str) -> list[str]:

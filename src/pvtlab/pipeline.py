@@ -37,7 +37,9 @@ TASK_META = ("kind", "monitor", "monitor_mode")
 HEAD_META = ("kind", "features_only")
 
 
-def build_model(backbone: Mapping[str, Any], head: Mapping[str, Any], num_classes: int) -> nn.Module:
+def build_model(
+    backbone: Mapping[str, Any], head: Mapping[str, Any], num_classes: int
+) -> nn.Module:
     """The network: a timm backbone (pyramid features or its own classifier) under a head.
 
     Args:
@@ -55,7 +57,9 @@ def build_model(backbone: Mapping[str, Any], head: Mapping[str, Any], num_classe
         drop_path_rate=backbone.get("drop_path_rate"),
         **dict(backbone.get("kwargs") or {}),
     )
-    return instantiate(config_without(head_cfg, HEAD_META), backbone=network, num_classes=num_classes)
+    return instantiate(
+        config_without(head_cfg, HEAD_META), backbone=network, num_classes=num_classes
+    )
 
 
 def model_config(cfg: DictConfig) -> dict[str, Any]:
@@ -99,9 +103,13 @@ def resolve_ckpt_path(value: str | None, cfg: DictConfig) -> str | None:
     if value == "last":
         runs = Path(cfg.paths.log_dir) / cfg.task.kind
         candidates = sorted(runs.glob("*/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-        candidates += sorted(runs.glob("*/*/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        candidates += sorted(
+            runs.glob("*/*/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime
+        )
         if not candidates:
-            raise ConfigError(f"ckpt_path=last: no last.ckpt under {runs}/*/ (no earlier {cfg.task.kind} run)")
+            raise ConfigError(
+                f"ckpt_path=last: no last.ckpt under {runs}/*/ (no earlier {cfg.task.kind} run)"
+            )
         return str(max(candidates, key=lambda p: p.stat().st_mtime))
     path = Path(value)
     if not path.is_file():
@@ -114,9 +122,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several unrelated types for a foreign file
-        raise ConfigError(f"{path} is not a loadable checkpoint ({type(error).__name__}: {error})") from error
+        raise ConfigError(
+            f"{path} is not a loadable checkpoint ({type(error).__name__}: {error})"
+        ) from error
     if not isinstance(checkpoint, dict):
-        raise ConfigError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dictionary")
+        raise ConfigError(
+            f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dictionary"
+        )
     return checkpoint
 
 
@@ -130,7 +142,9 @@ def load_task(cfg: DictConfig, ckpt_path: str | Path) -> TaskModule:
         )
     description = checkpoint.get("hyper_parameters", {}).get("model_config")
     if description is None:
-        log.warning("%s carries no model description; building the model from the config", ckpt_path)
+        log.warning(
+            "%s carries no model description; building the model from the config", ckpt_path
+        )
     task = build_task(cfg, description)
     missing, unexpected = task.load_state_dict(checkpoint["state_dict"], strict=False)
     if missing or unexpected:
@@ -167,7 +181,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics: dict[str, float] = {}
     try:
         if cfg.get("train", True):
-            trainer.fit(task, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), cfg))
+            trainer.fit(
+                task, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), cfg)
+            )
             metrics.update(_scalars(trainer.callback_metrics))
         if cfg.get("test", True):
             best = _best_checkpoint(trainer)
@@ -219,7 +235,9 @@ def _finish_loggers(trainer: L.Trainer) -> None:
             logger.experiment.finish()
 
 
-def print_summary(task: TaskModule, trainer: L.Trainer, metrics: Mapping[str, float], output_dir: Path) -> None:
+def print_summary(
+    task: TaskModule, trainer: L.Trainer, metrics: Mapping[str, float], output_dir: Path
+) -> None:
     """The end-of-run table: metrics (and task-specific figures), then where everything went."""
     table = Table(title="Results", show_header=True)
     table.add_column("metric")

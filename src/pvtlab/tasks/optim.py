@@ -96,7 +96,9 @@ class ScheduleSpec:
     power: float = 0.9
 
 
-def lr_factor_fn(spec: ScheduleSpec, total_steps: int, steps_per_epoch: float) -> Callable[[int], float]:
+def lr_factor_fn(
+    spec: ScheduleSpec, total_steps: int, steps_per_epoch: float
+) -> Callable[[int], float]:
     """The multiplicative lr factor at each optimizer step (0-based)."""
     if spec.name not in {"cosine", "step", "poly", "constant"}:
         raise ValueError(
@@ -110,7 +112,9 @@ def lr_factor_fn(spec: ScheduleSpec, total_steps: int, steps_per_epoch: float) -
     def main_factor(step: int) -> float:
         if spec.name == "cosine":
             progress = min(1.0, step / total)
-            return spec.min_factor + (1 - spec.min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+            return spec.min_factor + (1 - spec.min_factor) * 0.5 * (
+                1 + math.cos(math.pi * progress)
+            )
         if spec.name == "poly":
             progress = min(1.0, step / total)
             return spec.min_factor + (1 - spec.min_factor) * (1 - progress) ** spec.power
@@ -132,4 +136,6 @@ def lr_factor_fn(spec: ScheduleSpec, total_steps: int, steps_per_epoch: float) -
 def build_scheduler(
     optimizer: torch.optim.Optimizer, spec: ScheduleSpec, total_steps: int, steps_per_epoch: float
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor_fn(spec, total_steps, steps_per_epoch))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_factor_fn(spec, total_steps, steps_per_epoch)
+    )

@@ -14,7 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 TREE_ORDER = ("task", "backbone", "head", "data", "trainer", "callbacks", "logger", "paths")
 
 
-def print_config_tree(cfg: DictConfig, save_to: Path | None = None, order: Sequence[str] = TREE_ORDER) -> None:
+def print_config_tree(
+    cfg: DictConfig, save_to: Path | None = None, order: Sequence[str] = TREE_ORDER
+) -> None:
     """Print the resolved config as a tree; optionally write the same text to `save_to`."""
     tree = rich.tree.Tree("CONFIG", style="bold", guide_style="dim")
     keys = [k for k in order if k in cfg] + [k for k in cfg if k not in order]

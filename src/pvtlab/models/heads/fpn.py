@@ -38,7 +38,9 @@ class BackboneWithFPN(nn.Module):
         channels = backbone.feature_info.channels()
         reductions = backbone.feature_info.reduction()
         if any(i < 0 or i >= len(channels) for i in in_stages):
-            raise ValueError(f"in_stages {list(in_stages)} outside the backbone's {len(channels)} maps")
+            raise ValueError(
+                f"in_stages {list(in_stages)} outside the backbone's {len(channels)} maps"
+            )
         self.body = backbone
         self.in_stages = tuple(in_stages)
         self.strides = tuple(reductions[i] for i in self.in_stages)
