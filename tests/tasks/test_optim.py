@@ -1,0 +1,103 @@
+"""Parameter groups and per-step learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pvtlab.tasks.optim import ScheduleSpec, build_optimizer, lr_factor_fn, param_groups
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Linear(4, 4)
+        self.pos_embed = nn.Parameter(torch.zeros(1, 3, 4))
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 2)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed"}
+
+
+def _group_names(groups: list[dict], model: nn.Module) -> dict[str, set[str]]:
+    ids = {id(p): n for n, p in model.named_parameters()}
+    return {g["name"]: {ids[id(p)] for p in g["params"]} for g in groups}
+
+
+def test_no_decay_for_1d_and_listed_parameters() -> None:
+    model = Tiny()
+    groups = _group_names(param_groups(model, lr=1.0, weight_decay=0.05), model)
+    assert groups["lr1_decay"] == {"backbone.weight", "head.weight"}
+    assert groups["lr1_no_decay"] == {
+        "backbone.bias",
+        "pos_embed",
+        "norm.weight",
+        "norm.bias",
+        "head.bias",
+    }
+
+
+def test_lr_multiplier_by_prefix() -> None:
+    model = Tiny()
+    groups = param_groups(model, lr=1e-4, weight_decay=1e-4, lr_mults={"backbone.": 0.1})
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["lr0.1_decay"]["lr"] == pytest.approx(1e-5)
+    assert by_name["lr1_decay"]["lr"] == pytest.approx(1e-4)
+    assert by_name["lr0.1_no_decay"]["weight_decay"] == 0.0
+
+
+def test_frozen_parameters_are_left_out() -> None:
+    model = Tiny()
+    model.head.requires_grad_(False)
+    params = {id(p) for g in param_groups(model, 1.0, 0.1) for p in g["params"]}
+    assert id(model.head.weight) not in params
+    assert id(model.backbone.weight) in params
+
+
+def test_cosine_with_warmup_matches_the_deit_recipe() -> None:
+    # 10 epochs of 100 steps, 2 warm-up epochs from 1e-6 to 1e-3, floor 1e-5 (factors of 1e-3).
+    spec = ScheduleSpec(name="cosine", warmup_epochs=2, warmup_factor=1e-3, min_factor=1e-2)
+    factor = lr_factor_fn(spec, total_steps=1000, steps_per_epoch=100)
+    assert factor(0) == pytest.approx(1e-3 * (0.01 + 0.99 * 1.0), rel=1e-6)
+    # After warm-up the factor is the plain cosine.
+    expected = 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 500 / 1000))
+    assert factor(500) == pytest.approx(expected)
+    assert factor(999) == pytest.approx(0.01, abs=1e-4)
+    ramp = [factor(s) for s in range(0, 200, 20)]
+    assert ramp == sorted(ramp)
+
+
+def test_step_schedule_drops_at_epoch_milestones_after_iteration_warmup() -> None:
+    # mmdetection 1x: 12 epochs, x0.1 at 8 and 11, 500-iteration linear warm-up from 0.001.
+    spec = ScheduleSpec(name="step", warmup_steps=500, warmup_factor=1e-3, milestones=(8, 11))
+    factor = lr_factor_fn(spec, total_steps=1200, steps_per_epoch=100)
+    assert factor(0) == pytest.approx(1e-3)
+    assert factor(250) == pytest.approx(1e-3 + (1 - 1e-3) * 0.5)
+    assert factor(799) == pytest.approx(1.0)
+    assert factor(800) == pytest.approx(0.1)
+    assert factor(1100) == pytest.approx(0.01)
+
+
+def test_poly_schedule() -> None:
+    factor = lr_factor_fn(ScheduleSpec(name="poly", power=0.9), total_steps=80, steps_per_epoch=80)
+    assert factor(0) == pytest.approx(1.0)
+    assert factor(40) == pytest.approx(0.5**0.9)
+    assert factor(80) == pytest.approx(0.0)
+
+
+def test_unknown_names_are_clear_errors() -> None:
+    with pytest.raises(ValueError, match="choose one of: cosine, step, poly, constant"):
+        lr_factor_fn(ScheduleSpec(name="linear"), 10, 10)
+    with pytest.raises(ValueError, match="choose one of: adamw, sgd"):
+        build_optimizer(Tiny(), name="lamb")
+
+
+def test_adamw_carries_group_settings() -> None:
+    optimizer = build_optimizer(Tiny(), lr=1e-3, weight_decay=0.05, betas=[0.9, 0.95])
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert {g["weight_decay"] for g in optimizer.param_groups} == {0.0, 0.05}
+    assert optimizer.defaults["betas"] == (0.9, 0.95)
