@@ -1,0 +1,307 @@
+"""Backbone benchmark: throughput and peak memory (fused vs explicit-softmax attention), and
+GMACs against input size (paper Figure 6).
+
+    python src/bench.py suites=[backbones] [quick=true]
+
+Throughput: images per second, forward (eval, no grad) and forward + backward (train mode, the
+mean of the outputs as loss); median of repeats after a warm-up. 224 x 224 at batch 32 runs the
+classifiers; 800 x 1333 at batch 1 runs the ``features_only`` backbones (detection inputs).
+Peak memory: see :class:`pvtlab.bench.PeakMemory`; in the full run every configuration runs in
+its own process with glibc's mmap threshold fixed at 128 KiB, so freed tensors leave the
+resident set and its high-water mark is the peak the pass needs above the model and inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pvtlab.bench import PeakMemory, markdown_table, report_header, time_call, write_report
+
+__all__ = ["Config", "measure", "run"]
+
+PVT = ("pvt_tiny", "pvt_small", "pvt_medium", "pvt_large")
+BASELINES = ("resnet50", "vit_small_32")
+GMACS_MODELS = {"PVT-Small": "pvt_small", "ResNet50": "resnet50", "ViT-Small/16": "vit_small_16"}
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    height: int
+    width: int
+    batch: int
+    features_only: bool
+    repeats_fwd: int = 2  # timed runs after the first (which also measures memory)
+    repeats_bwd: int = 1
+
+    @property
+    def variants(self) -> tuple[bool, ...]:
+        """Attention paths to compare: fused then reference for PVT, none for baselines."""
+        return (True, False) if self.name.startswith("pvt") else (True,)
+
+
+def attention_label(name: str, fused: bool) -> str:
+    if not name.startswith("pvt"):
+        return "-"
+    return "fused (SDPA)" if fused else "reference (softmax)"
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def measure(cfg: Config) -> list[dict[str, Any]]:
+    """Time and measure one configuration in this process, one result per attention path.
+
+    Memory is measured path by path, fused first (so whatever the allocator kept from it could
+    only flatter the reference); timings alternate between the paths, so a machine whose load
+    drifts during the run slows both alike.
+    """
+    from pvtlab.models import create_backbone
+
+    device = _device()
+    torch.manual_seed(0)
+    model = create_backbone(cfg.name, features_only=cfg.features_only).to(device)
+    net = getattr(model, "model", model)
+    x = torch.randn(cfg.batch, 3, cfg.height, cfg.width, device=device)
+
+    def select(fused: bool) -> None:
+        if cfg.name.startswith("pvt"):
+            net.fused_attn = fused
+
+    def outputs() -> list[torch.Tensor]:
+        out = model(x)
+        return out if isinstance(out, list | tuple) else [out]
+
+    def forward() -> None:
+        with torch.no_grad():
+            outputs()
+
+    def forward_backward() -> None:
+        model.zero_grad(set_to_none=True)
+        loss = sum(o.float().mean() for o in outputs())
+        loss.backward()
+
+    results = {fused: {"fused": fused} for fused in cfg.variants}
+    for mode, fn, repeats in (
+        ("fwd", forward, cfg.repeats_fwd),
+        ("fwdbwd", forward_backward, cfg.repeats_bwd),
+    ):
+        model.train(mode == "fwdbwd")
+        with torch.no_grad():  # runtime start-up (thread pools, kernels) before measuring
+            model(torch.randn(1, 3, 64, 64, device=device))
+        times: dict[bool, list[float]] = {fused: [] for fused in cfg.variants}
+        for fused in cfg.variants:  # first run: memory, and the first timing sample
+            select(fused)
+            with PeakMemory(device) as peak:
+                times[fused].append(time_call(fn, warmup=0, repeats=1, device=device))
+            model.zero_grad(set_to_none=True)
+            results[fused][f"{mode}_peak_mib"] = peak.mib
+        for _ in range(repeats):
+            for fused in cfg.variants:
+                select(fused)
+                times[fused].append(time_call(fn, warmup=0, repeats=1, device=device))
+        model.zero_grad(set_to_none=True)
+        for fused in cfg.variants:
+            results[fused][f"{mode}_img_s"] = cfg.batch / statistics.median(times[fused])
+    return list(results.values())
+
+
+def _measure_in_subprocess(cfg: Config) -> list[dict[str, Any]]:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pvtlab.bench.backbones", json.dumps(asdict(cfg))],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark worker for {cfg} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _plan(quick: bool) -> list[Config]:
+    if quick:
+        settings = [(32, 32, 2, False), (64, 96, 1, True)]
+        names = ("pvt_tiny", *BASELINES)
+        reps = dict(repeats_fwd=0, repeats_bwd=0)
+    else:
+        settings = [(224, 224, 32, False), (800, 1333, 1, True)]
+        names = (*PVT, *BASELINES)
+        reps = dict(repeats_fwd=1, repeats_bwd=0)
+    return [
+        Config(name, h, w, batch, features_only, **reps)
+        for h, w, batch, features_only in settings
+        for name in names
+    ]
+
+
+def _gmacs_table(sizes: list[int]) -> dict[str, list[float]]:
+    from pvtlab.models import count_gmacs, create_backbone
+
+    table = {}
+    for label, name in GMACS_MODELS.items():
+        with torch.device("meta"):  # counting needs shapes only
+            model = create_backbone(name, features_only=False)
+        table[label] = [count_gmacs(model, (s, s)) for s in sizes]
+    return table
+
+
+def _plot(sizes: list[int], gmacs: dict[str, list[float]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for (label, values), marker in zip(gmacs.items(), "os^", strict=False):
+        ax.plot(sizes, values, marker=marker, label=label)
+    ax.set_xlabel("input size (square, pixels)")
+    ax.set_ylabel("GMACs")
+    ax.set_title("Compute vs input scale (paper Figure 6)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run(out_dir: Path, quick: bool) -> list[Path]:
+    """Run the suite; write ``backbones.md`` and ``backbones.png`` into `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = _plan(quick)
+    if quick:  # tiny inputs gain nothing from threads, and a busy machine makes them spin
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            results = {cfg: measure(cfg) for cfg in plan}
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        results = {cfg: _measure_in_subprocess(cfg) for cfg in plan}
+
+    rows = [
+        (
+            cfg.name,
+            f"{cfg.height}x{cfg.width}",
+            cfg.batch,
+            "features" if cfg.features_only else "classifier",
+            attention_label(cfg.name, r["fused"]),
+            r["fwd_img_s"],
+            r["fwdbwd_img_s"],
+            r["fwd_peak_mib"],
+            r["fwdbwd_peak_mib"],
+        )
+        for cfg, variants in results.items()
+        for r in variants
+    ]
+    throughput = markdown_table(
+        [
+            "model",
+            "input",
+            "batch",
+            "output",
+            "attention",
+            "fwd img/s",
+            "fwd+bwd img/s",
+            "fwd peak MiB",
+            "fwd+bwd peak MiB",
+        ],
+        rows,
+    )
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or not b else a / b
+
+    compare_rows = []
+    for cfg, variants in results.items():
+        if len(variants) != 2:
+            continue
+        fused, ref = variants
+        compare_rows.append(
+            (
+                cfg.name,
+                f"{cfg.height}x{cfg.width} x{cfg.batch}",
+                ratio(fused["fwd_img_s"], ref["fwd_img_s"]),
+                ratio(fused["fwdbwd_img_s"], ref["fwdbwd_img_s"]),
+                fused["fwd_peak_mib"],
+                ref["fwd_peak_mib"],
+                fused["fwdbwd_peak_mib"],
+                ref["fwdbwd_peak_mib"],
+            )
+        )
+    comparison = markdown_table(
+        [
+            "model",
+            "input",
+            "fwd speed-up",
+            "fwd+bwd speed-up",
+            "fwd peak fused",
+            "fwd peak reference",
+            "fwd+bwd peak fused",
+            "fwd+bwd peak reference",
+        ],
+        compare_rows,
+    )
+
+    sizes = [224, 320] if quick else [224, 320, 416, 512, 640, 768, 896, 1024]
+    gmacs = _gmacs_table(sizes)
+    gmacs_rows = [(s, *(gmacs[label][i] for label in gmacs)) for i, s in enumerate(sizes)]
+    gmacs_md = markdown_table(["input", *gmacs], gmacs_rows)
+    png = _plot(sizes, gmacs, out_dir / "backbones.png")
+
+    command = "python src/bench.py suites=[backbones]" + (" quick=true" if quick else "")
+    if os.environ.get("OMP_NUM_THREADS"):
+        command = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} {command}"
+    device = _device()
+    notes = [
+        f"Device: {device.type}. "
+        + (
+            "Quick run: tiny sizes, one repeat, one thread, all in one process (memory figures rough)."
+            if quick
+            else f"Samples per figure: forward {plan[0].repeats_fwd + 1} (median), "
+            f"forward+backward {plan[0].repeats_bwd + 1}; the first run also measures memory "
+            "(start-up excluded by a small run before). Each model and size runs in its own "
+            "process; timings alternate fused / reference, memory is measured fused first."
+        ),
+        "Peak memory: MiB the pass adds above the model and inputs "
+        + (
+            "(torch.cuda.max_memory_allocated)."
+            if device.type == "cuda"
+            else "(resident-set high-water mark, glibc mmap threshold 128 KiB; see "
+            "pvtlab.bench.PeakMemory)."
+        ),
+        "Attention: `fused` is torch's scaled_dot_product_attention, `reference` the explicit "
+        "softmax(QK^T)V of the release (same weights, same model).",
+    ]
+    md = write_report(
+        out_dir / "backbones.md",
+        report_header("Backbone benchmark", command, notes),
+        "## Throughput and peak memory\n\n" + throughput,
+        "## PVT: fused vs reference attention (ratios > 1: fused faster; memory in MiB)\n\n"
+        + comparison,
+        "## GMACs vs input size (paper Figure 6; multiply-accumulates incl. attention)\n\n"
+        + gmacs_md
+        + f"\n![GMACs vs input size]({png.name})\n",
+    )
+    return [md, png]
+
+
+def _worker(argv: list[str]) -> None:
+    print(json.dumps(measure(Config(**json.loads(argv[0])))))
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1:])

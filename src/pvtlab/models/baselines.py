@@ -1,0 +1,205 @@
+"""Baselines behind the same four-map pyramid interface as PVT.
+
+* CNNs: timm's own ResNet18/50/101 and ResNeXt101-32x4d/-64x4d. Their stride-4..32 maps are
+  timm's feature indices 1-4 (index 0 is the stride-2 stem); :func:`pyramid_out_indices` maps the
+  pyramid levels 0-3 onto them. Channels 64/128/256/512 (ResNet18) or 256/512/1024/2048.
+* Columnar ViT (paper Table 8): ``vit_small_32`` is timm's ViT-Small/32 (384 wide, 12 blocks,
+  6 heads) whose feature path returns the tokens after blocks 2, 4, 6, 8 (1-based), reshaped to
+  the 1/32 grid and resized bilinearly to strides 4, 8, 16, 32 (grids ``ceil(H / s)``, as PVT's).
+  Any input size: the image is zero-padded to a multiple of the patch and the position
+  embedding resized to the grid (timm's ``dynamic_img_size`` / ``dynamic_img_pad``).
+  ``vit_small_16`` is the same with 16 x 16 patches (the paper's Figure 6 curve).
+
+The ViT classes keep timm's VisionTransformer parameter names, so timm ViT-S weights load.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import resample_abs_pos_embed
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models.vision_transformer import VisionTransformer
+
+__all__ = [
+    "CNN_BACKBONES",
+    "VIT_BACKBONES",
+    "ColumnarViT",
+    "pyramid_out_indices",
+    "vit_checkpoint_filter_fn",
+]
+
+# timm feature index of the first stride-4 map of each CNN family
+CNN_BACKBONES: dict[str, int] = {
+    "resnet18": 1,
+    "resnet50": 1,
+    "resnet101": 1,
+    "resnext101_32x4d": 1,
+    "resnext101_64x4d": 1,
+}
+VIT_BACKBONES = ("vit_small_32", "vit_small_16")
+
+
+def pyramid_out_indices(name: str, levels: Sequence[int]) -> tuple[int, ...]:
+    """timm ``out_indices`` of `name` for pyramid levels (0 = stride 4 ... 3 = stride 32)."""
+    offset = CNN_BACKBONES.get(name, 0)
+    return tuple(offset + i for i in levels)
+
+
+class ColumnarViT(VisionTransformer):
+    """A plain ViT whose intermediate / feature path gives a 4-level pyramid (paper Table 8).
+
+    ``forward``, ``forward_features`` and ``forward_head`` are timm's ViT classifier. In
+    ``forward_intermediates`` and ``prune_intermediate_layers`` an index is a pyramid level
+    (0-3), not a block.
+    """
+
+    def __init__(
+        self,
+        *,
+        pyramid_blocks: Sequence[int] = (1, 3, 5, 7),
+        pyramid_strides: Sequence[int] = (4, 8, 16, 32),
+        **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            pyramid_blocks: 0-based blocks whose outputs form the levels ((1, 3, 5, 7): after
+                the 2nd, 4th, 6th and 8th block).
+            pyramid_strides: output stride of each level.
+            kwargs: timm ``VisionTransformer`` arguments.
+        """
+        kwargs.setdefault("dynamic_img_size", True)
+        kwargs.setdefault("dynamic_img_pad", True)
+        super().__init__(**kwargs)
+        if len(pyramid_blocks) != len(pyramid_strides):
+            raise ValueError("pyramid_blocks and pyramid_strides need one entry per level")
+        self.pyramid_blocks = tuple(pyramid_blocks)
+        self.pyramid_strides = tuple(pyramid_strides)
+        self.feature_info = [
+            dict(num_chs=self.embed_dim, reduction=s, module=f"blocks.{b}")
+            for b, s in zip(self.pyramid_blocks, self.pyramid_strides, strict=True)
+        ]
+
+    def prune_intermediate_layers(
+        self,
+        indices: int | Sequence[int] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> list[int]:
+        take, _ = feature_take_indices(len(self.pyramid_blocks), indices)
+        super().prune_intermediate_layers(
+            [self.pyramid_blocks[i] for i in take], prune_norm=prune_norm, prune_head=prune_head
+        )
+        return take
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        **kwargs: Any,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take, _ = feature_take_indices(len(self.pyramid_blocks), indices)
+        H, W = x.shape[-2:]
+        out = super().forward_intermediates(
+            x,
+            indices=[self.pyramid_blocks[i] for i in take],
+            norm=norm,
+            stop_early=stop_early,
+            output_fmt="NCHW",
+            intermediates_only=intermediates_only,
+            **kwargs,
+        )
+        maps = out if intermediates_only else out[1]
+        maps = [
+            F.interpolate(
+                m,
+                size=(
+                    math.ceil(H / self.pyramid_strides[i]),
+                    math.ceil(W / self.pyramid_strides[i]),
+                ),
+                mode="bilinear",
+                align_corners=False,
+            )
+            for m, i in zip(maps, take, strict=True)
+        ]
+        return maps if intermediates_only else (out[0], maps)
+
+
+def vit_checkpoint_filter_fn(
+    state_dict: dict[str, torch.Tensor], model: nn.Module
+) -> dict[str, torch.Tensor]:
+    """Resample a position embedding trained at another resolution to the model's grid."""
+    pos = state_dict.get("pos_embed")
+    target = getattr(model, "pos_embed", None)
+    if pos is None or target is None or pos.shape == target.shape:
+        return state_dict
+    if pos.ndim != 3 or pos.shape[-1] != target.shape[-1]:
+        return state_dict  # the strict check reports it
+    prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+    out = dict(state_dict)
+    out["pos_embed"] = resample_abs_pos_embed(
+        pos, new_size=model.patch_embed.grid_size, num_prefix_tokens=prefix, verbose=False
+    )
+    return out
+
+
+def _create_columnar_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> ColumnarViT:
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    return build_model_with_cfg(
+        ColumnarViT,
+        variant,
+        pretrained,
+        pretrained_filter_fn=vit_checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+        **kwargs,
+    )
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "fixed_input_size": False,
+        "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs(
+    {"vit_small_32.untrained": _cfg(), "vit_small_16.untrained": _cfg()}
+)
+
+
+@register_model
+def vit_small_32(pretrained: bool = False, **kwargs: Any) -> ColumnarViT:
+    """Columnar ViT-Small/32 (paper Table 8): pyramid from blocks 2, 4, 6, 8."""
+    args = dict(patch_size=32, embed_dim=384, depth=12, num_heads=6)
+    return _create_columnar_vit("vit_small_32", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def vit_small_16(pretrained: bool = False, **kwargs: Any) -> ColumnarViT:
+    """Columnar ViT-Small/16 (paper Figure 6 cost curve): pyramid from blocks 2, 4, 6, 8."""
+    args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return _create_columnar_vit("vit_small_16", pretrained, **dict(args, **kwargs))

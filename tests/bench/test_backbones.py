@@ -1,0 +1,34 @@
+"""The backbone benchmark runs end to end in quick mode and writes its tables and plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pvtlab.bench import PeakMemory, backbones, markdown_table, time_call
+
+
+def test_quick_run_writes_tables_and_plot(tmp_path: Path) -> None:
+    paths = backbones.run(tmp_path, quick=True)
+    assert [p.name for p in paths] == ["backbones.md", "backbones.png"]
+    assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
+    text = paths[0].read_text()
+    for heading in ("Throughput and peak memory", "fused vs reference", "GMACs vs input size"):
+        assert heading in text
+    assert "python src/bench.py suites=[backbones] quick=true`" in text
+    rows = [line for line in text.splitlines() if line.startswith("| pvt_tiny")]
+    assert len(rows) >= 4  # fused and reference at two sizes, plus the comparison rows
+    assert "| 224 | 3.82 |" in text  # PVT-Small GMACs at 224
+
+
+def test_helpers() -> None:
+    calls = []
+    assert time_call(lambda: calls.append(1), warmup=2, repeats=3) >= 0
+    assert len(calls) == 5
+    with PeakMemory("cpu") as peak:
+        block = torch.ones(64, 2**20 // 4 * 4)  # 64 MiB, touched
+        del block
+    assert peak.mib is None or peak.mib > 32
+    table = markdown_table(["a", "b"], [(1, 0.12345), ("x", None)])
+    assert table.splitlines()[2:] == ["| 1 | 0.123 |", "| x | n/a |"]

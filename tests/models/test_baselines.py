@@ -1,0 +1,140 @@
+"""Every backbone config gives the same pyramid contract through `create_backbone`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from omegaconf import OmegaConf
+
+import pvtlab  # noqa: F401
+from pvtlab.models import BACKBONES, CheckpointError, backbone_family, create_backbone
+
+CONF = Path(__file__).resolve().parents[2] / "conf" / "backbone"
+CONFIGS = sorted(p.stem for p in CONF.glob("*.yaml"))
+CHANNELS = {
+    "pvt": [64, 128, 320, 512],
+    "resnet18": [64, 128, 256, 512],
+    "cnn": [256, 512, 1024, 2048],
+    "vit": [384, 384, 384, 384],
+}
+SIZE = (67, 99)  # odd, not a multiple of 32
+
+
+def _config(name: str, kind: str = "detection") -> dict:
+    cfg = OmegaConf.create(
+        {"backbone": OmegaConf.load(CONF / f"{name}.yaml"), "task": {"kind": kind}}
+    )
+    return OmegaConf.to_container(cfg.backbone, resolve=True)
+
+
+def test_every_backbone_has_a_config() -> None:
+    expected = {
+        "pvt_tiny", "pvt_small", "pvt_medium", "pvt_large", "pvt_small_wide",
+        "resnet18", "resnet50", "resnet101", "resnext101_32x4d", "resnext101_64x4d",
+        "vit_small_32",
+    }  # fmt: skip
+    assert set(CONFIGS) == expected
+    assert expected <= set(BACKBONES)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_schema(name: str) -> None:
+    for kind in ("classification", "detection", "segmentation"):
+        cfg = _config(name, kind)
+        assert set(cfg) == {
+            "name", "family", "pretrained", "drop_path_by_task", "drop_path_rate",
+            "grad_clip_by_task", "kwargs",
+        }  # fmt: skip
+        assert cfg["name"] == name and cfg["family"] == backbone_family(name)
+        assert cfg["drop_path_rate"] == cfg["drop_path_by_task"][kind]
+        assert set(cfg["grad_clip_by_task"]) == {"classification", "detection", "segmentation"}
+    if name in ("pvt_medium", "pvt_large"):
+        assert _config(name, "classification")["drop_path_rate"] == 0.3
+        assert _config(name, "classification")["grad_clip_by_task"]["classification"] == 1.0
+        assert _config(name, "detection")["drop_path_rate"] == 0.0
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_pyramid_contract(name: str) -> None:
+    cfg = _config(name)
+    with torch.device("meta"):  # shapes only, without the arithmetic
+        model = create_backbone(
+            cfg["name"],
+            features_only=True,
+            pretrained=cfg["pretrained"],
+            drop_path_rate=cfg["drop_path_rate"],
+            **cfg["kwargs"],
+        ).eval()
+        maps = model(torch.randn(1, 3, *SIZE))
+    channels = CHANNELS.get(name, CHANNELS[cfg["family"]])
+    if name == "pvt_small_wide":
+        channels = [88, 176, 440, 688]
+    assert model.feature_info.channels() == channels
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+    H, W = SIZE
+    assert [tuple(m.shape) for m in maps] == [
+        (1, c, -(-H // s), -(-W // s)) for c, s in zip(channels, [4, 8, 16, 32], strict=True)
+    ]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_small_32"])
+def test_baseline_features_run(name: str) -> None:
+    model = create_backbone(name, features_only=True).eval()
+    with torch.no_grad():
+        maps = model(torch.randn(2, 3, *SIZE))
+    assert [m.shape[-1] for m in maps] == [25, 13, 7, 4]
+    assert all(torch.isfinite(m).all() for m in maps)
+
+
+def test_out_indices_select_pyramid_levels() -> None:
+    for name in ("resnet18", "vit_small_32", "pvt_tiny"):
+        model = create_backbone(name, features_only=True, out_indices=(1, 3))
+        assert model.feature_info.reduction() == [8, 32]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_small_32"])
+def test_baseline_checkpoints_load_strictly(tmp_path: Path, name: str) -> None:
+    torch.manual_seed(0)
+    full = timm.create_model(name)
+    path = tmp_path / f"{name}.pth"
+    torch.save(full.state_dict(), path)
+    features = create_backbone(name, features_only=True, pretrained=path)
+    inner = features.model if hasattr(features, "model") else features
+    first = next(iter(inner.state_dict()))
+    assert torch.equal(inner.state_dict()[first], full.state_dict()[first])
+    classifier = create_backbone(name, features_only=False, num_classes=5, pretrained=path)
+    assert classifier.get_classifier().out_features == 5
+    bad = {k: v for k, v in full.state_dict().items() if "layer1" not in k and "blocks.0." not in k}
+    torch.save(bad, path)
+    with pytest.raises(CheckpointError, match="missing from the file"):
+        create_backbone(name, features_only=True, pretrained=path)
+
+
+def test_columnar_vit_levels_come_from_blocks_2_4_6_8() -> None:
+    torch.manual_seed(0)
+    features = create_backbone("vit_small_32", features_only=True).eval()
+    vit = features.model
+    assert len(vit.blocks) == 8  # blocks 9-12, final norm and head pruned
+    x = torch.randn(1, 3, 96, 160)
+    with torch.no_grad():
+        maps = features(x)
+        tokens = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
+        after = []
+        for blk in vit.blocks:
+            tokens = blk(tokens)
+            after.append(
+                tokens[:, vit.num_prefix_tokens :].reshape(1, 3, 5, -1).permute(0, 3, 1, 2)
+            )
+    for level, (block, size) in enumerate(
+        zip([1, 3, 5, 7], [(24, 40), (12, 20), (6, 10), (3, 5)], strict=True)
+    ):
+        expected = torch.nn.functional.interpolate(after[block], size=size, mode="bilinear")
+        torch.testing.assert_close(maps[level], expected)
+
+
+def test_unknown_backbone_lists_the_choices() -> None:
+    with pytest.raises(ValueError, match="pvt_small, pvt_medium"):
+        create_backbone("pvt_huge", features_only=True)
