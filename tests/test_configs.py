@@ -60,7 +60,9 @@ def test_choice_composes(group: str, option: str, tmp_path: Path) -> None:
     cfg = compose_config(_overrides(group, option), output_dir=tmp_path / "run")
     # Every interpolation resolves (a typo in a key or a missing group fails here); the hydra
     # node holds job-time values (job.num) that only a launched job has.
-    OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    OmegaConf.to_container(
+        OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True
+    )
     check_compatible(cfg)
     if group == "recipe":
         assert cfg.data.kind == cfg.task.kind
@@ -81,5 +83,7 @@ def test_incompatible_head_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_eval_config_composes(tmp_path: Path) -> None:
     cfg = compose_config(["task=classification"], config_name="eval", output_dir=tmp_path / "run")
-    OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    OmegaConf.to_container(
+        OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True
+    )
     assert cfg.split in ("val", "test")

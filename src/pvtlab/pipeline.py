@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 
 # Fields of a group's config that describe the choice rather than being constructor arguments.
 TASK_META = ("kind", "monitor", "monitor_mode")
-HEAD_META = ("kind", "features_only")
+# `masks`: the head trains on instance masks (data configs read it); `optim`: the head's released
+# optimizer values (task configs read them, e.g. task.optimizer.lr: ${oc.select:head.optim.lr,...}).
+HEAD_META = ("kind", "features_only", "masks", "optim")
 
 
 def build_model(
@@ -75,12 +77,12 @@ def build_task(cfg: DictConfig, description: Mapping[str, Any] | None = None) ->
     """The LightningModule of `cfg.task` around the network `description` (default: from cfg)."""
     description = dict(description or model_config(cfg))
     model = build_model(description["backbone"], description["head"], description["num_classes"])
-    return instantiate(
-        config_without(cfg.task, TASK_META),
-        model=model,
-        model_config=description,
-        _convert_="all",
-    )
+    # Partial first: `description` holds the head's `_target_`, which instantiate would recurse into.
+    # Resolved against the whole config first: the copy without TASK_META loses its root, and task
+    # configs interpolate other groups (e.g. ${head.optim.lr}, ${paths.output_dir}).
+    task_cfg = OmegaConf.create(OmegaConf.to_container(cfg.task, resolve=True))
+    factory = instantiate(config_without(task_cfg, TASK_META), _partial_=True, _convert_="all")
+    return factory(model=model, model_config=description)
 
 
 def _instantiate_group(group: DictConfig | None) -> list[Any]:

@@ -1,0 +1,100 @@
+"""Joint image, box and mask transforms of the COCO detection recipes (REFERENCE.md section 3).
+
+The data pipeline is the one place where detection images are resized (as in mmdetection):
+training resizes the shorter side to a size drawn from `short_sides` (one value: single scale,
+800 for COCO 1x; 640..800 for 3x + multi-scale) with the longer side capped at `max_size` (1333),
+flips horizontally, converts to float and normalizes with ImageNet statistics; evaluation does the
+same at one size and without the flip. Boxes and masks follow the image through
+`torchvision.transforms.v2` and `tv_tensors`. Heads receive the resized, normalized images as they
+are and pad a batch to a multiple of 32 (`pad_images`; torchvision's detectors do the same in
+their batching), so every box a head returns is in the pixels of the image it was given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SIZE_DIVISOR = 32
+
+
+def short_side_choices(sides: Sequence[int], mode: str = "choice") -> list[int]:
+    """The shorter-side sizes training draws from.
+
+    `mode="choice"`: one of `sides` (e.g. [800], or DETR's 480..800 step 32).
+    `mode="range"`: any integer from min(sides) to max(sides) (mmdetection's
+    `multiscale_mode="range"`, the released 3x + multi-scale setting [640, 800]).
+    """
+    sides = [int(s) for s in sides]
+    if not sides or min(sides) < 1:
+        raise ValueError(f"short sides {sides}: need at least one positive size")
+    if mode == "choice":
+        return sides
+    if mode == "range":
+        return list(range(min(sides), max(sides) + 1))
+    raise ValueError(f"short side mode {mode!r}: choose 'choice' or 'range'")
+
+
+def detection_transforms(
+    short_sides: Sequence[int],
+    max_size: int | None,
+    flip_prob: float = 0.0,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> v2.Compose:
+    """Resize (shorter side from `short_sides`, longer capped at `max_size`), flip, normalize.
+
+    Called on `(tv_tensors.Image uint8, {"boxes": BoundingBoxes, "masks": Mask, ...})`; other
+    target entries pass through unchanged.
+    """
+    steps: list[v2.Transform] = [v2.RandomShortestSize(list(short_sides), max_size=max_size)]
+    if flip_prob > 0:
+        steps.append(v2.RandomHorizontalFlip(p=flip_prob))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    return v2.Compose(steps)
+
+
+def train_transforms(
+    short_sides: Sequence[int] = (800,),
+    mode: str = "choice",
+    max_size: int | None = 1333,
+    flip_prob: float = 0.5,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> v2.Compose:
+    return detection_transforms(
+        short_side_choices(short_sides, mode), max_size, flip_prob, mean, std
+    )
+
+
+def eval_transforms(
+    short_side: int = 800,
+    max_size: int | None = 1333,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> v2.Compose:
+    return detection_transforms([short_side], max_size, 0.0, mean, std)
+
+
+def pad_images(
+    images: Sequence[Tensor], size_divisor: int = SIZE_DIVISOR, value: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """Batch (C, H, W) images of different sizes: pad bottom and right to a common size that is
+    a multiple of `size_divisor`. Returns the batch (B, C, H, W) and a (B, H, W) bool mask that is
+    True on padding (DETR's convention). Normalized images pad with 0, the mean colour."""
+    height = max(int(im.shape[-2]) for im in images)
+    width = max(int(im.shape[-1]) for im in images)
+    height = -(-height // size_divisor) * size_divisor
+    width = -(-width // size_divisor) * size_divisor
+    batch = images[0].new_full((len(images), images[0].shape[0], height, width), value)
+    padding = torch.ones(len(images), height, width, dtype=torch.bool, device=images[0].device)
+    for i, image in enumerate(images):
+        h, w = image.shape[-2:]
+        batch[i, :, :h, :w] = image
+        padding[i, :h, :w] = False
+    return batch, padding

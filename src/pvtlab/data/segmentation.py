@@ -1,0 +1,308 @@
+"""ADE20K-layout semantic segmentation data: image and label-map folders.
+
+Layout under `root` (ADE20K's `ADEChallengeData2016`, and the embedded shapes set)::
+
+    images/training/<id>.jpg        annotations/training/<id>.png
+    images/validation/<id>.jpg      annotations/validation/<id>.png
+
+Label maps are single-channel PNGs of the image's size. With `reduce_zero_label` (ADE20K), value 0
+("other") becomes the ignore index 255 and classes 1..K become 0..K-1; a stored 255 stays ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from pvtlab.data.segmentation_transforms import EvalTransform, TrainTransform, padded_size
+
+ADE20K_CLASSES = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
+    "cabinet", "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain",
+    "chair", "car", "water", "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field",
+    "armchair", "seat", "fence", "desk", "rock", "wardrobe", "lamp", "bathtub", "railing",
+    "cushion", "base", "box", "column", "signboard", "chest of drawers", "counter", "sand", "sink",
+    "skyscraper", "fireplace", "refrigerator", "grandstand", "path", "stairs", "runway", "case",
+    "pool table", "pillow", "screen door", "stairway", "river", "bridge", "bookcase", "blind",
+    "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm",
+    "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
+    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth",
+    "television receiver", "airplane", "dirt track", "apparel", "pole", "land", "bannister",
+    "escalator", "ottoman", "bottle", "buffet", "poster", "stage", "van", "ship", "fountain",
+    "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool", "barrel", "basket",
+    "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank",
+    "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen",
+    "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan",
+    "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator", "glass",
+    "clock", "flag",
+)  # fmt: skip
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+LAYOUT = "images/{split}/<id>.jpg with annotations/{split}/<id>.png"
+
+
+class LabelMapError(ValueError):
+    """An image / label-map pair that cannot be used; the message names the file."""
+
+
+class SegmentationFolder(Dataset):
+    """Image and label-map pairs of one split, transformed jointly.
+
+    Args:
+        root: data set folder holding `images/<split>` and `annotations/<split>`.
+        split: `training`, `validation` (or any folder name present in both).
+        num_classes: classes after the zero-label shift (150 for ADE20K).
+        transform: `(image uint8 (3,H,W), label (H,W)) -> (image float, label int64)`.
+        reduce_zero_label: map 0 to `ignore_index` and shift the other classes down by one.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        num_classes: int,
+        transform: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+        reduce_zero_label: bool = True,
+        ignore_index: int = 255,
+    ) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.num_classes = int(num_classes)
+        self.transform = transform
+        self.reduce_zero_label = reduce_zero_label
+        self.ignore_index = ignore_index
+        self.samples = self._pairs()
+        # Stored label values -> training labels, one lookup table for every map.
+        lookup = torch.full((256,), ignore_index, dtype=torch.long)
+        offset = 1 if reduce_zero_label else 0
+        lookup[offset : offset + self.num_classes] = torch.arange(self.num_classes)
+        self.lookup = lookup
+        self.max_stored = self.num_classes if reduce_zero_label else self.num_classes - 1
+
+    def _pairs(self) -> list[tuple[Path, Path]]:
+        image_dir = self.root / "images" / self.split
+        label_dir = self.root / "annotations" / self.split
+        for folder in (image_dir, label_dir):
+            if not folder.is_dir():
+                raise FileNotFoundError(
+                    f"{folder} does not exist; a segmentation data set needs {LAYOUT.format(split=self.split)} "
+                    f"under {self.root}"
+                )
+        images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise FileNotFoundError(f"{image_dir} holds no images (.jpg, .jpeg, .png)")
+        pairs = []
+        for image in images:
+            label = label_dir / f"{image.stem}.png"
+            if not label.is_file():
+                raise LabelMapError(f"{image} has no label map: expected {label}")
+            pairs.append((image, label))
+        return pairs
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[Tensor, Tensor]:
+        """The stored image (uint8, 3xHxW) and training label map (int64, HxW), checked."""
+        image_path, label_path = self.samples[index]
+        try:
+            with Image.open(image_path) as handle:
+                image = torch.from_numpy(np.array(handle.convert("RGB"))).permute(2, 0, 1)
+        except OSError as error:
+            raise LabelMapError(f"{image_path} cannot be decoded as an image: {error}") from error
+        with Image.open(label_path) as handle:
+            if handle.mode not in ("L", "P", "I", "I;16"):
+                raise LabelMapError(
+                    f"{label_path} is a {handle.mode} image; a label map is a single-channel PNG of class indices"
+                )
+            stored = torch.from_numpy(np.array(handle, dtype=np.int64))
+        if tuple(stored.shape) != tuple(image.shape[-2:]):
+            raise LabelMapError(
+                f"{label_path} is {stored.shape[1]}x{stored.shape[0]} (WxH) but its image {image_path.name} is "
+                f"{image.shape[2]}x{image.shape[1]}; a label map must match its image's size"
+            )
+        bad = (stored > self.max_stored) & (stored != self.ignore_index) | (stored < 0)
+        if bad.any():
+            values = sorted(set(stored[bad].unique().tolist()))[:10]
+            valid = f"0..{self.max_stored}" + (
+                " (0 = unlabelled)" if self.reduce_zero_label else ""
+            )
+            raise LabelMapError(
+                f"{label_path} holds label values {values} beyond the {self.num_classes} classes; "
+                f"valid values are {valid} or {self.ignore_index} (ignored)"
+            )
+        return image, self.lookup[stored]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, label = self.load(index)
+        height, width = label.shape
+        if self.transform is not None:
+            image, label = self.transform(image, label)
+        return {
+            "image": image,
+            "label": label,
+            "name": self.samples[index][0].stem,
+            "original_size": (height, width),
+        }
+
+
+def default_class_names(root: Path, num_classes: int) -> tuple[str, ...]:
+    """`classes` of `<root>/manifest.json` if it fits, ADE20K's for 150, else `class_<i>`."""
+    manifest = root / "manifest.json"
+    if manifest.is_file():
+        try:
+            classes = json.loads(manifest.read_text()).get("classes")
+        except (json.JSONDecodeError, AttributeError):
+            classes = None
+        if isinstance(classes, list) and len(classes) == num_classes:
+            return tuple(str(c) for c in classes)
+    if num_classes == len(ADE20K_CLASSES):
+        return ADE20K_CLASSES
+    return tuple(f"class_{i}" for i in range(num_classes))
+
+
+def collate_segmentation(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack samples, padding images with 0 and labels with 255 to the largest in the batch.
+
+    `image_size` / `label_size` (B, 2) keep each sample's unpadded sizes, so evaluation can crop
+    the padding off before resizing a prediction to its label map.
+    """
+    image_sizes = [tuple(s["image"].shape[-2:]) for s in samples]
+    label_sizes = [tuple(s["label"].shape[-2:]) for s in samples]
+    height, width = padded_size(image_sizes)
+    label_h, label_w = padded_size(label_sizes)
+    images = samples[0]["image"].new_zeros((len(samples), 3, height, width), dtype=torch.float32)
+    labels = torch.full((len(samples), label_h, label_w), 255, dtype=torch.long)
+    for i, sample in enumerate(samples):
+        h, w = image_sizes[i]
+        images[i, :, :h, :w] = sample["image"]
+        lh, lw = label_sizes[i]
+        labels[i, :lh, :lw] = sample["label"]
+    return {
+        "image": images,
+        "label": labels,
+        "image_size": torch.tensor(image_sizes, dtype=torch.long),
+        "label_size": torch.tensor(label_sizes, dtype=torch.long),
+        "name": [s["name"] for s in samples],
+    }
+
+
+class ADE20KDataModule(L.LightningDataModule):
+    """Train / val / test loaders over an ADE20K-layout folder (`data=ade20k data.root=...`).
+
+    Args:
+        root: folder with `images/` and `annotations/` (ADE20K: `ADEChallengeData2016`).
+        kind: the task kind this data serves; must be `segmentation`.
+        num_classes: classes after the zero-label shift (150 for ADE20K).
+        class_names: names for the per-class table. Default: the `classes` list of
+            `<root>/manifest.json` when it has `num_classes` entries (the shapes generator writes
+            one), ADE20K's names for 150 classes, else `class_<i>`.
+        batch_size: training images per device; `val_batch_size` for evaluation (images of one
+            batch are padded to the largest, so 1 wastes no compute).
+        crop_size, scale, ratio_range, cat_max_ratio, flip_prob, photometric: the training pipeline.
+        test_scale: keep-ratio resize at evaluation (default `scale`: shorter side 512).
+        train_split, val_split, test_split: folder names; no test split -> the val split.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        kind: str = "segmentation",
+        num_classes: int = 150,
+        class_names: Sequence[str] | None = None,
+        batch_size: int = 2,
+        val_batch_size: int = 1,
+        num_workers: int = 4,
+        crop_size: Sequence[int] = (512, 512),
+        scale: Sequence[int] = (2048, 512),
+        ratio_range: Sequence[float] = (0.5, 2.0),
+        cat_max_ratio: float = 0.75,
+        flip_prob: float = 0.5,
+        photometric: bool = True,
+        test_scale: Sequence[int] | None = None,
+        reduce_zero_label: bool = True,
+        ignore_index: int = 255,
+        train_split: str = "training",
+        val_split: str = "validation",
+        test_split: str | None = None,
+        pin_memory: bool = True,
+    ) -> None:
+        super().__init__()
+        if kind != "segmentation":
+            raise ValueError(f"ADE20KDataModule serves task=segmentation, not {kind}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(
+                f"class_names lists {len(class_names)} names for num_classes={num_classes}"
+            )
+        self.root = Path(root)
+        self.num_classes = int(num_classes)
+        self.class_names = tuple(class_names or default_class_names(self.root, self.num_classes))
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.num_workers = num_workers
+        self.reduce_zero_label = reduce_zero_label
+        self.ignore_index = ignore_index
+        self.splits = {"train": train_split, "val": val_split, "test": test_split or val_split}
+        self.pin_memory = pin_memory
+        self.train_transform = TrainTransform(
+            crop_size, scale, ratio_range, cat_max_ratio, flip_prob, photometric, ignore_index
+        )
+        self.test_transform = EvalTransform(test_scale or scale)
+        self.datasets: dict[str, SegmentationFolder] = {}
+
+    def dataset(self, stage: str) -> SegmentationFolder:
+        """The `train`, `val` or `test` dataset (built on first use)."""
+        if stage not in self.datasets:
+            transform = self.train_transform if stage == "train" else self.test_transform
+            self.datasets[stage] = SegmentationFolder(
+                self.root,
+                self.splits[stage],
+                self.num_classes,
+                transform,
+                self.reduce_zero_label,
+                self.ignore_index,
+            )
+        return self.datasets[stage]
+
+    def setup(self, stage: str | None = None) -> None:
+        needed = {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": ("test",),
+        }
+        for name in needed.get(stage or "fit", ("train", "val", "test")):
+            self.dataset(name)
+
+    def _loader(self, stage: str, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.dataset(stage),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate_segmentation,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.val_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.val_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", self.val_batch_size, shuffle=False)

@@ -1,0 +1,70 @@
+"""Image-classification transforms (the DeiT recipe through timm) and the shared normalisation.
+
+Training: RandomResizedCrop (bicubic), horizontal flip, RandAugment, normalisation, random
+erasing. Evaluation: resize the shorter side to ``image_size / crop_pct`` (256 for 224 at the
+default 0.875), centre crop, normalise. Mixup / CutMix act on whole batches and live in the task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from timm.data import create_transform
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+# ImageNet statistics: every pvtlab backbone is trained (and released weights were) with these.
+IMAGENET_MEAN: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)
+IMAGENET_STD: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)
+
+# The paper's evaluation crop: resize 256, centre crop 224.
+DEFAULT_CROP_PCT = 224 / 256
+
+
+def classification_transform(
+    train: bool,
+    image_size: int = 224,
+    *,
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    hflip: float = 0.5,
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+    color_jitter: float = 0.4,
+    re_prob: float = 0.25,
+    re_mode: str = "pixel",
+    re_count: int = 1,
+    interpolation: str = "bicubic",
+    crop_pct: float = DEFAULT_CROP_PCT,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Callable:
+    """The train or eval transform of a PIL image into a normalised (3, size, size) tensor.
+
+    Args:
+        train: augmenting training transform, or the deterministic evaluation one.
+        image_size: output side.
+        scale, ratio: RandomResizedCrop's area fraction and aspect range.
+        hflip: horizontal-flip probability.
+        auto_augment: a timm policy string (`rand-m9-mstd0.5-inc1` = RandAugment magnitude 9,
+            magnitude noise 0.5, increasing severity); None or "" for none.
+        color_jitter: used only without `auto_augment` (timm ignores it otherwise).
+        re_prob, re_mode, re_count: random erasing after normalisation.
+        interpolation: resize interpolation (`bicubic` in the recipe).
+        crop_pct: evaluation centre-crop fraction.
+        mean, std: normalisation.
+    """
+    return create_transform(
+        input_size=int(image_size),
+        is_training=train,
+        scale=tuple(scale),
+        ratio=tuple(ratio),
+        hflip=hflip,
+        auto_augment=auto_augment or None,
+        color_jitter=color_jitter,
+        re_prob=re_prob,
+        re_mode=re_mode,
+        re_count=re_count,
+        interpolation=interpolation,
+        crop_pct=crop_pct,
+        mean=tuple(mean),
+        std=tuple(std),
+    )

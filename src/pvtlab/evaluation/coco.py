@@ -1,0 +1,238 @@
+"""COCO detection and instance-segmentation scores through pycocotools' COCOeval.
+
+Predictions arrive per image in the pixels of the network's input (the resized image) with
+contiguous 0-based labels; they are rescaled to the original image, mapped back to the data
+set's own category ids, encoded as the COCO results format, gathered from every process once,
+scored on rank 0 and the scores broadcast back, so every process logs the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+# COCOeval.stats[0:6], in order, under the names of CONTRACTS.md; mask scores get `segm_`.
+STAT_NAMES = ("mAP", "mAP_50", "mAP_75", "mAP_small", "mAP_medium", "mAP_large")
+IOU_PREFIX = {"bbox": "", "segm": "segm_"}
+MASK_THRESHOLD = 0.5
+
+
+def rescale_prediction(
+    prediction: Mapping[str, Tensor], input_size: Sequence[int], orig_size: Sequence[int]
+) -> dict[str, Tensor]:
+    """Boxes (and mask probabilities) from the network's input pixels to the original image.
+
+    `input_size` and `orig_size` are (height, width). Masks, (N, 1, H, W) or (N, H, W)
+    probabilities at the input size, come back as (N, H0, W0) booleans at the original size.
+    """
+    in_h, in_w = (float(s) for s in input_size)
+    out_h, out_w = (int(s) for s in orig_size)
+    boxes = prediction["boxes"].detach().float()
+    scale = boxes.new_tensor([out_w / in_w, out_h / in_h, out_w / in_w, out_h / in_h])
+    out = {
+        "boxes": boxes * scale,
+        "scores": prediction["scores"].detach().float(),
+        "labels": prediction["labels"].detach(),
+    }
+    masks = prediction.get("masks")
+    if masks is not None:
+        masks = masks.detach().float()
+        masks = masks.unsqueeze(1) if masks.ndim == 3 else masks
+        if masks.shape[0] and tuple(masks.shape[-2:]) != (out_h, out_w):
+            masks = F.interpolate(masks, size=(out_h, out_w), mode="bilinear", align_corners=False)
+        out["masks"] = masks[:, 0] > MASK_THRESHOLD
+    return out
+
+
+def to_coco_results(
+    image_id: int, prediction: Mapping[str, Tensor], category_ids: Sequence[int] | np.ndarray
+) -> list[dict[str, Any]]:
+    """One image's predictions (original pixels, xyxy, 0-based labels) as COCO result dicts.
+
+    `category_ids[label]` is the data set's category id of a contiguous label.
+    """
+    boxes = prediction["boxes"].cpu().double()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    scores = prediction["scores"].cpu().tolist()
+    cats = np.asarray(category_ids)[prediction["labels"].cpu().numpy()].tolist()
+    results = [
+        {"image_id": int(image_id), "category_id": int(c), "bbox": b, "score": float(s)}
+        for c, b, s in zip(cats, xywh, scores, strict=True)
+    ]
+    masks = prediction.get("masks")
+    if masks is not None and len(results):
+        array = np.asfortranarray(masks.cpu().numpy().astype(np.uint8).transpose(1, 2, 0))
+        for result, rle in zip(results, mask_util.encode(array), strict=True):
+            rle["counts"] = rle["counts"].decode("ascii")
+            result["segmentation"] = rle
+    return results
+
+
+def _empty_results(coco_gt: COCO) -> COCO:
+    """A results object with no detections: `COCO.loadRes` refuses an empty list."""
+    res = COCO()
+    res.dataset = {
+        "images": list(coco_gt.dataset["images"]),
+        "categories": copy.deepcopy(coco_gt.dataset.get("categories", [])),
+        "annotations": [],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        res.createIndex()
+    return res
+
+
+def coco_evaluate(
+    coco_gt: COCO,
+    results: Sequence[Mapping[str, Any]],
+    iou_type: str = "bbox",
+    image_ids: Iterable[int] | None = None,
+) -> tuple[dict[str, float], str]:
+    """Score COCO-format `results` against `coco_gt` on `image_ids` (default: all images).
+
+    Returns the six AP figures of COCOeval.stats under `STAT_NAMES` (with a `segm_` prefix for
+    masks), as fractions, and the printed COCOeval table. An AP that COCOeval cannot define
+    (no ground truth in that area range: its -1) is NaN. No results at all is scored as such:
+    every AP with ground truth is 0.
+    """
+    if iou_type not in IOU_PREFIX:
+        raise ValueError(f"iou_type={iou_type!r}; choose one of {sorted(IOU_PREFIX)}")
+    # COCOeval measures instance size by the result's area: for masks it must be the mask's.
+    if iou_type == "segm":
+        dets = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+    else:
+        dets = [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        coco_dt = coco_gt.loadRes(dets) if dets else _empty_results(coco_gt)
+        evaluator = COCOeval(coco_gt, coco_dt, iouType=iou_type)
+        if image_ids is not None:
+            evaluator.params.imgIds = sorted({int(i) for i in image_ids})
+        evaluator.evaluate()
+        evaluator.accumulate()
+    table = io.StringIO()
+    with contextlib.redirect_stdout(table):
+        evaluator.summarize()
+    prefix = IOU_PREFIX[iou_type]
+    metrics = {
+        f"{prefix}{name}": float(v) if v >= 0 else math.nan
+        for name, v in zip(STAT_NAMES, evaluator.stats[: len(STAT_NAMES)], strict=True)
+    }
+    return metrics, table.getvalue()
+
+
+def has_segmentations(coco_gt: COCO) -> bool:
+    """Whether every ground-truth instance carries a polygon or RLE (needed for mask AP)."""
+    anns = coco_gt.dataset.get("annotations", [])
+    return bool(anns) and all(a.get("segmentation") for a in anns)
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class CocoEvaluator:
+    """Accumulates one evaluation's predictions and scores them with COCOeval.
+
+    Args:
+        coco_gt: the ground truth of the split (pycocotools COCO of its annotation json).
+        category_ids: the data set's category id of each contiguous label.
+
+    Use: `reset()`, then `update(predictions, targets)` per batch, then `compute()` once on every
+    process. Targets carry `image_id`, `orig_size` and `size` (the input (h, w)); images with no
+    prediction still count, as they are seen. Under DDP the per-image results are gathered once
+    to rank 0 (the distributed sampler's padding repeats images: results are keyed by image id),
+    scored there, and the metrics are broadcast.
+    """
+
+    def __init__(self, coco_gt: COCO, category_ids: Sequence[int]) -> None:
+        self.coco_gt = coco_gt
+        self.category_ids = np.asarray(category_ids, dtype=np.int64)
+        self.results: dict[int, list[dict[str, Any]]] = {}
+        self.with_masks = False  # whether the head predicts masks (even where it found nothing)
+
+    def reset(self) -> None:
+        self.results = {}
+        self.with_masks = False
+
+    def update(
+        self, predictions: Sequence[Mapping[str, Tensor]], targets: Sequence[Mapping[str, Any]]
+    ) -> None:
+        for prediction, target in zip(predictions, targets, strict=True):
+            image_id = int(target["image_id"])
+            self.with_masks |= "masks" in prediction
+            scaled = rescale_prediction(prediction, target["size"], target["orig_size"])
+            self.results[image_id] = to_coco_results(image_id, scaled, self.category_ids)
+
+    def gather(self) -> tuple[dict[int, list[dict[str, Any]]], bool] | None:
+        """Every process's results (and whether masks were predicted) on rank 0, None elsewhere."""
+        if not _is_distributed():
+            return self.results, self.with_masks
+        mine = (self.results, self.with_masks)
+        parts: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(mine, parts, dst=0)
+        if parts is None:
+            return None
+        merged: dict[int, list[dict[str, Any]]] = {}
+        for results, _ in parts:
+            merged.update(results)
+        return merged, any(with_masks for _, with_masks in parts)
+
+    def compute(
+        self, output_path: Path | str | None = None, iou_types: Sequence[str] | None = None
+    ) -> tuple[dict[str, float], str]:
+        """Scores and the COCOeval tables (empty text on ranks other than 0).
+
+        `iou_types` defaults to bbox, plus segm when the head predicts masks and the ground truth
+        has segmentations. `output_path` receives the results json (rank 0).
+        """
+        gathered = self.gather()
+        payload: list[Any] = [None]
+        if gathered is not None:
+            results, with_masks = gathered
+            if iou_types is None:
+                iou_types = ("bbox", "segm") if with_masks else ("bbox",)
+            payload = [self._score(results, output_path, iou_types)]
+        if _is_distributed():
+            dist.broadcast_object_list(payload, src=0)
+        metrics, tables = payload[0]
+        return metrics, tables if gathered is not None else ""
+
+    def _score(
+        self,
+        per_image: Mapping[int, list[dict[str, Any]]],
+        output_path: Path | str | None,
+        iou_types: Sequence[str],
+    ) -> tuple[dict[str, float], str]:
+        results = [r for image_id in sorted(per_image) for r in per_image[image_id]]
+        if output_path is not None:
+            path = Path(output_path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(results))
+        metrics: dict[str, float] = {}
+        tables = []
+        for iou_type in iou_types:
+            if iou_type == "segm" and not has_segmentations(self.coco_gt):
+                log.warning("Mask AP skipped: the ground truth has instances without segmentation")
+                continue
+            scores, table = coco_evaluate(self.coco_gt, results, iou_type, per_image.keys())
+            metrics.update(scores)
+            tables.append(f"COCOeval {iou_type} ({len(per_image)} images):\n{table}")
+        return metrics, "\n".join(tables)
