@@ -7,6 +7,7 @@ module, the model and the task, then the Lightning Trainer.
 from __future__ import annotations
 
 import logging
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,15 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from pvtlab.experiments.runtime import check_pretrained, set_sweep_group, write_metrics
+from pvtlab.loggers import log_wandb_run_facts
 from pvtlab.models import create_backbone
 from pvtlab.tasks.base import TaskModule
 from pvtlab.utils.config import (
@@ -92,9 +96,17 @@ def _instantiate_group(group: DictConfig | None) -> list[Any]:
     return [instantiate(entry) for entry in group.values() if entry and "_target_" in entry]
 
 
-def build_trainer(cfg: DictConfig) -> L.Trainer:
+def build_trainer(cfg: DictConfig, resume_from: str | None = None) -> L.Trainer:
+    """`resume_from`: the checkpoint fitting resumes from; loggers whose config declares a
+    `resume_from` key receive it (W&B continues that checkpoint's run)."""
     callbacks = _instantiate_group(cfg.get("callbacks"))
-    loggers = _instantiate_group(cfg.get("logger"))
+    loggers = [
+        instantiate(entry, **({"resume_from": resume_from} if "resume_from" in entry else {}))
+        for entry in (cfg.get("logger") or {}).values()
+        if entry and "_target_" in entry
+    ]
+    if not loggers:  # Lightning refuses a LearningRateMonitor with nothing to log to
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
@@ -116,6 +128,11 @@ def resolve_ckpt_path(value: str | None, cfg: DictConfig) -> str | None:
     path = Path(value)
     if not path.is_file():
         raise ConfigError(f"ckpt_path={value}: no such file")
+    if not zipfile.is_zipfile(path):  # what torch.save writes; a cheap look before the full load
+        raise ConfigError(
+            f"ckpt_path={value} is not a checkpoint (not a file written by torch.save); point it "
+            "at a .ckpt file of a pvtlab run, or use ckpt_path=last"
+        )
     return str(path)
 
 
@@ -161,6 +178,8 @@ def load_task(cfg: DictConfig, ckpt_path: str | Path) -> TaskModule:
 def _prepare(cfg: DictConfig) -> Path:
     """Checks that need no data, then the config tree printed and saved with the run."""
     check_compatible(cfg)
+    check_pretrained(cfg)
+    set_sweep_group(cfg)  # before the config is saved: config.yaml records the group
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     print_config_tree(cfg, save_to=output_dir / "config_tree.log")
@@ -173,19 +192,19 @@ def _prepare(cfg: DictConfig) -> Path:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit `cfg.task` on `cfg.data`, then test the best checkpoint; return the final metrics."""
     output_dir = _prepare(cfg)
+    # Before any data is read: a wrong ckpt_path fails at once.
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg) if cfg.get("train", True) else None
     datamodule = instantiate(cfg.data)
     task = build_task(cfg)
     if cfg.get("compile"):
         task.compile_model()
-    trainer = build_trainer(cfg)
-    _log_run_facts(trainer, task)
+    trainer = build_trainer(cfg, resume_from=ckpt_path)
+    _log_run_facts(trainer, task, cfg)
 
     metrics: dict[str, float] = {}
     try:
         if cfg.get("train", True):
-            trainer.fit(
-                task, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), cfg)
-            )
+            trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
             metrics.update(_scalars(trainer.callback_metrics))
         if cfg.get("test", True):
             best = _best_checkpoint(trainer)
@@ -194,15 +213,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     finally:
         _finish_loggers(trainer)
     print_summary(task, trainer, metrics, output_dir)
+    write_metrics(metrics, output_dir)  # what multirun summaries read
     return metrics
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Score a checkpoint (or `backbone.pretrained` weights) on the chosen split; return metrics."""
     output_dir = _prepare(cfg)
-    datamodule = instantiate(cfg.data)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg)
     task = load_task(cfg, ckpt_path) if ckpt_path else build_task(cfg)
+    datamodule = instantiate(cfg.data)
     trainer = build_trainer(cfg)
     run = trainer.test if cfg.get("split", "val") == "test" else trainer.validate
     try:
@@ -224,9 +244,11 @@ def _best_checkpoint(trainer: L.Trainer) -> str | None:
     return path or None
 
 
-def _log_run_facts(trainer: L.Trainer, task: TaskModule) -> None:
+def _log_run_facts(trainer: L.Trainer, task: TaskModule, cfg: DictConfig | None = None) -> None:
     facts = {"model/params": task.num_parameters()}
     for logger in trainer.loggers:
+        if cfg is not None and isinstance(logger, WandbLogger):
+            log_wandb_run_facts(logger, cfg, task.model)  # nested config, GMACs
         logger.log_hyperparams(facts)
 
 

@@ -230,3 +230,10 @@ def test_datamodule_names_ade20k_classes_and_checks_kind(tmp_path: Path) -> None
     assert ADE20KDataModule(tmp_path).class_names[:3] == ("wall", "building", "sky")
     with pytest.raises(ValueError, match="task=segmentation, not detection"):
         ADE20KDataModule(tmp_path, kind="detection")
+
+
+def test_missing_root_fails_at_construction(tmp_path: Path) -> None:
+    with pytest.raises(
+        FileNotFoundError, match=r"data.root=.*missing does not exist.*images/training"
+    ):
+        ADE20KDataModule(tmp_path / "missing")

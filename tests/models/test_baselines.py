@@ -34,7 +34,7 @@ def test_every_backbone_has_a_config() -> None:
     expected = {
         "pvt_tiny", "pvt_small", "pvt_medium", "pvt_large", "pvt_small_wide",
         "resnet18", "resnet50", "resnet101", "resnext101_32x4d", "resnext101_64x4d",
-        "vit_small_32",
+        "vit_small_32", "gcresnet50t",
     }  # fmt: skip
     assert set(CONFIGS) == expected
     assert expected <= set(BACKBONES)

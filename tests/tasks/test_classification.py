@@ -7,15 +7,19 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, open_dict
+from PIL import Image
 from timm.data import Mixup
 from timm.layers import DropPath
 from torch.utils.data import TensorDataset
 
 from pvtlab import pipeline
+from pvtlab.data.imagefolder import ImageFolderError
 from pvtlab.export import main as export_main
 from pvtlab.models import create_backbone
 from pvtlab.tasks.classification import (
@@ -313,3 +317,50 @@ def test_released_weights_keep_their_1000_class_head(
     model = pipeline.build_model(cfg.backbone, cfg.head, cfg.data.num_classes)
     assert torch.equal(model.head.weight, release.head.weight)
     assert torch.equal(model.cls_token, release.cls_token)
+
+
+def test_eval_of_a_released_file_on_an_image_folder_matches_the_release(
+    make_config: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    """`src/eval.py backbone.pretrained=pvt_tiny.pth data=imagenet data.root=...` on a folder
+    with only val/ scores the release's own forward pass (release layout, nested under `model`)."""
+    from hydra.utils import instantiate
+
+    from tests.models import release_reference as release
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imagenet"
+    for c in range(NUM_CLASSES):
+        for i in range(3):
+            path = root / "val" / f"n0{c}" / f"{i}.JPEG"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(path)
+    weights = release.random_state_dict(
+        release.release_layout(release.DEPTHS["pvt_tiny"], num_classes=NUM_CLASSES)
+    )
+    torch.save({"model": weights}, tmp_path / "pvt_tiny.pth")
+    cfg = _runnable(
+        _config(
+            make_config,
+            f"backbone.pretrained={tmp_path / 'pvt_tiny.pth'}",
+            "data=imagenet",
+            f"data.root={root}",
+            f"data.num_classes={NUM_CLASSES}",
+            "data.image_size=64",
+            "data.num_workers=0",
+            config_name="eval",
+        )
+    )
+    metrics = pipeline.evaluate(cfg)
+
+    data = instantiate(cfg.data)
+    data.setup("validate")
+    val = data.dataset("val")
+    images, labels = zip(*(val[i] for i in range(len(val))), strict=True)
+    logits = release.forward(weights, torch.stack(images))
+    labels = torch.tensor(labels)
+    expected_top1 = (logits.argmax(1) == labels).float().mean().item()
+    assert metrics["val/acc1"] == pytest.approx(expected_top1)
+    assert metrics["val/loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-4)
+    with pytest.raises(ImageFolderError, match="no train/ folder"):
+        data.dataset("train")

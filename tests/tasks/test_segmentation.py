@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -226,10 +226,10 @@ def test_epoch_schedule_overrides_the_iterations(make_config: Callable[..., Dict
 FIT_SMALL_SPLIT = [
     "data.generator.train_images=64",
     "data.generator.val_images=16",
-    "data.val_split=training",
+    "++data.val_split=training",
     "data.batch_size=16",
     "data.ratio_range=[1.0,1.0]",
-    "data.photometric=false",
+    "++data.photometric=false",
     "trainer.max_epochs=60",
     "trainer.check_val_every_n_epoch=30",
     "logger=none",
@@ -237,8 +237,21 @@ FIT_SMALL_SPLIT = [
 ]
 
 
+# Measured with these settings (experiments/segmentation_shapes.md): Semantic FPN val mIoU 0.37 /
+# 0.71 / 0.83 / 0.89 after 4 / 12 / 20 / 28 of the 60 epochs; the floor is well under that.
+# Trans2Seg stayed at chance (loss ~ln 8, mIoU 0.02-0.12) for 28 epochs at this lr: a known gap.
+TRANS2SEG_AT_CHANCE = pytest.mark.xfail(
+    reason="Trans2Seg does not leave chance on shapes at lr 1e-3 from scratch "
+    "(experiments/segmentation_shapes.md); its recipe is still to be found",
+    run=False,  # a known gap: not worth CI's minutes until the recipe is found
+)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("head", "threshold"), [("semantic_fpn", 0.0), ("trans2seg", 0.0)])
+@pytest.mark.parametrize(
+    ("head", "threshold"),
+    [("semantic_fpn", 0.5), pytest.param("trans2seg", 0.3, marks=TRANS2SEG_AT_CHANCE)],
+)
 def test_heads_learn_shapes(
     make_config: Callable[..., DictConfig], tmp_path: Path, head: str, threshold: float
 ) -> None:
@@ -252,6 +265,32 @@ def test_heads_learn_shapes(
             f"paths.data_dir={tmp_path / 'data'}",
         ]
     )
+    with open_dict(cfg):
+        del cfg["hydra"]  # as @hydra.main hands it to the entry point
     metrics = train(cfg)
     print(f"{head}: test/mIoU {metrics['test/mIoU']:.4f}")
     assert metrics["test/mIoU"] > threshold
+
+
+@pytest.mark.parametrize("head", ["semantic_fpn", "trans2seg"])
+def test_segmentation_starts_from_a_shapes_classification_backbone(
+    make_config: Callable[..., DictConfig], tmp_path: Path, head: str
+) -> None:
+    """Pre-train -> fine-tune: the <run>/backbone.pth of a 64x64 classification run (16x16
+    stage-1 position grid) loads with backbone.pretrained= at the segmentation model's size."""
+    from pvtlab.models import create_backbone
+    from pvtlab.pipeline import build_model
+
+    classifier = create_backbone("pvt_tiny", features_only=False, num_classes=8, img_size=64)
+    path = tmp_path / "backbone.pth"
+    torch.save(classifier.state_dict(), path)
+    cfg = make_config(["task=segmentation", f"head={head}", f"backbone.pretrained={path}"])
+    model = build_model(cfg.backbone, cfg.head, cfg.data.num_classes)
+    state = model.state_dict()
+    for name in ("patch_embed1.proj.weight", "block2.1.attn.kv.weight", "block4.1.mlp.fc2.weight"):
+        (key,) = [k for k in state if k.endswith(name)]
+        assert torch.equal(state[key], classifier.state_dict()[name]), key
+    (pos,) = [k for k in state if k.endswith("pos_embed1")]
+    side = int(cfg.backbone.kwargs.get("img_size", 224)) // 4
+    assert state[pos].shape == (1, side * side, 64)
+    assert model(torch.randn(1, 3, 64, 96)).shape == (1, cfg.data.num_classes, 64, 96)

@@ -134,6 +134,25 @@ def load_coco(path: str | Path) -> COCO:
         missing = [k for k in ("id", "file_name", "width", "height") if k not in image]
         if missing:
             raise CocoFormatError(f"{path}: image record {image} lacks {missing}")
+    for index, ann in enumerate(dataset["annotations"]):
+        missing = [k for k in ("id", "image_id", "category_id", "bbox") if k not in ann]
+        if missing:
+            raise CocoFormatError(
+                f"{path}: annotation record #{index} {_short(ann)} lacks {missing}; COCO "
+                "annotations need id, image_id, category_id and bbox [x, y, width, height]"
+            )
+    for field, records in (
+        ("images", dataset["images"]),
+        ("annotations", dataset["annotations"]),
+        ("categories", dataset["categories"]),
+    ):
+        ids, counts = np.unique(np.array([r["id"] for r in records]), return_counts=True)
+        if (counts > 1).any():
+            repeated = ids[counts > 1].tolist()
+            raise CocoFormatError(
+                f"{path}: {field} id(s) {repeated[:10]} occur more than once; every record of "
+                f"'{field}' needs its own id"
+            )
     filled = 0
     for ann in dataset["annotations"]:
         if "iscrowd" not in ann or "area" not in ann:
@@ -252,6 +271,14 @@ class CocoDetection(Dataset):
                 f"{name}: annotation {bad.get('id')} (image {bad.get('image_id')}) has bbox "
                 f"{bad.get('bbox')!r}; expected [x, y, width, height]"
             ) from None
+        finite = np.isfinite(boxes).all(axis=1)
+        if not finite.all():
+            bad = anns[int(np.flatnonzero(~finite)[0])]
+            raise CocoFormatError(
+                f"{name}: annotation {bad.get('id')} (image {bad.get('image_id')}) has bbox "
+                f"{bad.get('bbox')!r} with a NaN or infinite value ({int((~finite).sum())} such "
+                "boxes); fix or remove them"
+            )
         image_of = np.array([a["image_id"] for a in anns], dtype=np.int64)
         known_images = np.array(sorted(self.coco.imgs), dtype=np.int64)
         where = np.searchsorted(known_images, image_of).clip(0, max(len(known_images) - 1, 0))
@@ -427,6 +454,11 @@ class CocoDetection(Dataset):
             f"{path} is {image.size[0]}x{image.size[1]} pixels (also after EXIF rotation) but "
             f"{self.annotation_file.name} says {size[0]}x{size[1]} for image id {image_id}"
         )
+
+
+def _short(record: dict[str, Any]) -> str:
+    """A record for an error message, without its (possibly huge) segmentation."""
+    return str({k: v for k, v in record.items() if k != "segmentation"})[:200]
 
 
 def _is_box(value: Any) -> bool:

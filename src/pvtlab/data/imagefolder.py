@@ -162,7 +162,8 @@ class ImageFolderDataModule(L.LightningDataModule):
     """Train / val / test loaders of an image-folder data set with the DeiT transforms.
 
     Args:
-        root: folder holding train/, val/ (and optionally test/).
+        root: folder holding train/, val/ (and optionally test/); without train/ it can only
+            be evaluated (classes from val/).
         kind: must be "classification" (every data config names the task kind it serves).
         num_classes: expected number of classes (the head is built for it); None: not checked.
         image_size: training crop and evaluation size.
@@ -224,7 +225,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.classes = self._check_layout()
         if num_classes is not None and int(num_classes) != len(self.classes):
             raise ImageFolderError(
-                f"data.num_classes={num_classes} but {self.root / 'train'} has {len(self.classes)} "
+                f"data.num_classes={num_classes} but {self.root} has {len(self.classes)} "
                 f"class folders; set data.num_classes={len(self.classes)}"
             )
         self.num_classes = len(self.classes)
@@ -241,27 +242,26 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise ImageFolderError(
                 f"data.root={self.root} does not exist.\n{layout_help(self.root)}"
             )
-        for split in ("train", "val"):
-            if not (self.root / split).is_dir():
-                raise ImageFolderError(
-                    f"{self.root} has no {split}/ folder.\n{layout_help(self.root)}"
-                )
-        classes = find_classes(self.root / "train")
+        if not (self.root / "val").is_dir():
+            raise ImageFolderError(f"{self.root} has no val/ folder.\n{layout_help(self.root)}")
+        # Without train/ the folder can still be evaluated (e.g. a released pvt_*.pth on ImageNet
+        # val): the classes come from val/, and asking for the train split raises.
+        reference = self.root / ("train" if (self.root / "train").is_dir() else "val")
+        classes = find_classes(reference)
         if not classes:
-            raise ImageFolderError(
-                f"{self.root / 'train'} holds no class folders.\n{layout_help(self.root)}"
-            )
+            raise ImageFolderError(f"{reference} holds no class folders.\n{layout_help(self.root)}")
         for split in ("val", "test"):
             split_dir = self.root / split
-            if not split_dir.is_dir():
+            if split_dir == reference or not split_dir.is_dir():
                 continue
             other = find_classes(split_dir)
             if other != classes:
-                only_train = sorted(set(classes) - set(other))
+                only_ref = sorted(set(classes) - set(other))
                 only_other = sorted(set(other) - set(classes))
                 raise ImageFolderError(
-                    f"the class folders of {split_dir} differ from those of {self.root / 'train'}: "
-                    f"only in train/: {only_train[:10]}{' ...' if len(only_train) > 10 else ''}; "
+                    f"the class folders of {split_dir} differ from those of {reference}: "
+                    f"only in {reference.name}/: {only_ref[:10]}"
+                    f"{' ...' if len(only_ref) > 10 else ''}; "
                     f"only in {split}/: {only_other[:10]}{' ...' if len(only_other) > 10 else ''}. "
                     f"Both splits need the same class folders."
                 )
@@ -275,6 +275,11 @@ class ImageFolderDataModule(L.LightningDataModule):
         """The dataset of `split` (train | val | test), read from disk on first use."""
         if split not in SPLITS:
             raise ValueError(f"split={split!r}; choose one of {SPLITS}")
+        if split == "train" and not (self.root / "train").is_dir():
+            raise ImageFolderError(
+                f"{self.root} has no train/ folder: it can be evaluated, not trained on.\n"
+                f"{layout_help(self.root)}"
+            )
         if split not in self.datasets:
             samples, skipped = scan_split(self._split_dir(split), self.classes, self.invalid_files)
             if skipped:

@@ -244,6 +244,12 @@ class ADE20KDataModule(L.LightningDataModule):
                 f"class_names lists {len(class_names)} names for num_classes={num_classes}"
             )
         self.root = Path(root)
+        if not self.root.is_dir():  # fail before the model is built, not at the first batch
+            raise FileNotFoundError(
+                f"data.root={self.root} does not exist; an ADE20K-layout data set needs "
+                f"{LAYOUT.format(split='training')} and {LAYOUT.format(split='validation')} "
+                f"under it (ADEChallengeData2016). Set it with data.root=/path/to/ADEChallengeData2016."
+            )
         self.num_classes = int(num_classes)
         self.class_names = tuple(class_names or default_class_names(self.root, self.num_classes))
         self.batch_size = batch_size

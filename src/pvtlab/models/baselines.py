@@ -43,6 +43,7 @@ CNN_BACKBONES: dict[str, int] = {
     "resnet101": 1,
     "resnext101_32x4d": 1,
     "resnext101_64x4d": 1,
+    "gcresnet50t": 1,  # ResNet50-T with global-context blocks (paper Table 10's GC-ResNet50)
 }
 VIT_BACKBONES = ("vit_small_32", "vit_small_16")
 

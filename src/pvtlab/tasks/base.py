@@ -47,11 +47,24 @@ class TaskModule(L.LightningModule):
         }
 
     def compile_model(self, **kwargs: Any) -> None:
-        """Compile the network's forward in place (parameter names, hence checkpoints, unchanged)."""
-        self.model.compile(**kwargs)
+        """Compile the backbone's forward in place (parameter names, hence checkpoints, unchanged).
+
+        The backbone is where the time goes; the detection heads' target assignment, NMS and
+        data-dependent shapes recompile on every batch, so they stay eager. A classifier is all
+        backbone and is compiled whole.
+        """
+        backbone_of(self.model).compile(**kwargs)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The timm backbone inside a network: the first module that describes its features."""
+    for module in model.modules():
+        if hasattr(module, "feature_info"):
+            return module
+    raise TypeError(f"{type(model).__name__} holds no timm backbone (no module has feature_info)")
 
 
 def _tuples(values: Mapping[str, Any]) -> dict[str, Any]:

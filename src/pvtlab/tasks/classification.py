@@ -225,6 +225,18 @@ class ClassificationTask(TaskModule):
             rows["backbone weights"] = f"<run folder>/{self.exported_backbone.name}"
         return rows
 
+    # ------------------------------------------------- display hook (pvtlab.callbacks.predictions)
+
+    def predict_for_display(self, batch: tuple[Tensor, Tensor], limit: int) -> dict[str, Any]:
+        """Class probabilities of the first `limit` images of an evaluation batch."""
+        images, targets = batch[0][:limit], batch[1][:limit]
+        return {
+            "kind": "classification",
+            "images": images,
+            "targets": targets,
+            "scores": self.model(images).softmax(dim=-1),
+        }
+
 
 def _num_classes(model: nn.Module, model_config: Mapping[str, Any] | None) -> int:
     if model_config and model_config.get("num_classes"):

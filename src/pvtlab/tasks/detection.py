@@ -122,6 +122,19 @@ class DetectionTask(TaskModule):
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, sync_dist=True)
         self._evaluator(stage).reset()
 
+    # ------------------------------------------------- display hook (pvtlab.callbacks.predictions)
+
+    def predict_for_display(self, batch: Batch, limit: int) -> dict[str, Any]:
+        """Detections (input pixels, 0-based labels) on the first `limit` images of a batch."""
+        images, targets = list(batch[0][:limit]), list(batch[1][:limit])
+        predictions = self.model(images) if images else []
+        return {
+            "kind": "detection",
+            "images": images,
+            "targets": targets,
+            "predictions": predictions,
+        }
+
     def summary_rows(self, metrics: Mapping[str, float]) -> dict[str, str]:
         """Box (and mask) AP in percent, as the paper's tables print them."""
         rows = {}

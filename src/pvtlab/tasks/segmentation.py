@@ -244,6 +244,32 @@ class SegmentationTask(TaskModule):
         dtype = torch.uint8 if self.num_classes <= 256 else torch.long
         return [scores.argmax(dim=0).to(dtype) for scores, _ in self.label_scores(batch)]
 
+    # ------------------------------------------------- display hook (pvtlab.callbacks.predictions)
+
+    def predict_for_display(self, batch: Mapping[str, Any], limit: int) -> dict[str, Any]:
+        """Predicted and true label maps of the first `limit` samples, with their images resized
+        to the label maps' size."""
+        sample = {
+            k: v[:limit]
+            for k, v in batch.items()
+            if k in ("image", "label", "image_size", "label_size", "name")
+        }
+        images, labels, predictions = [], [], []
+        for i, (scores, label) in enumerate(self.label_scores(sample)):
+            ih, iw = sample["image_size"][i].tolist()
+            image = sample["image"][i : i + 1, :, :ih, :iw]
+            image = F.interpolate(image, label.shape[-2:], mode="bilinear", align_corners=False)
+            images.append(image[0])
+            labels.append(label)
+            predictions.append(scores.argmax(dim=0))
+        return {
+            "kind": "segmentation",
+            "images": images,
+            "labels": labels,
+            "predictions": predictions,
+            "ignore_index": self.ignore_index,
+        }
+
     def summary_rows(self, metrics: Mapping[str, float]) -> dict[str, str]:
         """The paper's figure: mIoU in percent (of the test split when there is one)."""
         for prefix in ("test", "val"):

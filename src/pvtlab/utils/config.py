@@ -63,6 +63,18 @@ def check_compatible(cfg: DictConfig) -> None:
             "Data sets: shapes (every task), imagenet (classification), coco (detection), "
             "ade20k (segmentation)."
         )
+    check_arguments(cfg)
+
+
+def check_arguments(cfg: DictConfig) -> None:
+    """Every key of a built node is an argument of its `_target_`, of an accepted type."""
+    from pvtlab.utils.arguments import argument_problems  # imports the targets' modules
+
+    problems = argument_problems(cfg)
+    if problems:
+        raise ConfigError(
+            "the config does not fit the objects it builds:\n  " + "\n  ".join(problems)
+        )
 
 
 HEADS_BY_KIND = {

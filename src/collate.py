@@ -1,0 +1,6 @@
+"""Collate a multirun's metrics: `python src/collate.py <multirun dir> [--out DIR]`."""
+
+from pvtlab.experiments.collate import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Data benchmark: images per second of each DataModule's training loader (the shapes data in
+its real on-disk formats) against the rate PVT-Tiny's training step consumes them.
+
+    python src/bench.py suites=[data] [quick=true]
+
+Target (issue 10, reported as a ratio, never asserted): every training loader delivers at least
+3x the images per second of the PVT-Tiny training step of its task.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+
+from pvtlab.bench import markdown_table, report_header, write_report
+from pvtlab.bench.steps import QUICK_DATA, compose_run, measure_training_step
+
+__all__ = ["loader_images_per_s", "run"]
+
+TARGET_LOADER_RATIO = 3.0
+KINDS = (
+    ("classification", "linear", "ImageFolderDataModule"),
+    ("detection", "retinanet", "CocoDataModule"),
+    ("segmentation", "semantic_fpn", "ADE20KDataModule"),
+)
+
+
+def _count(batch: Any) -> int:
+    images = batch[0] if isinstance(batch, list | tuple) else batch
+    return len(images)
+
+
+def loader_images_per_s(
+    task: str, data_dir: Path, batches: int, extra: tuple[str, ...] = ()
+) -> tuple[float, dict[str, Any]]:
+    """Images per second of the task's shapes training loader over `batches` batches (the first,
+    with the workers' start-up, untimed), and the loader's settings."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = compose_run(
+            [
+                f"task={task}",
+                "data=shapes",
+                f"paths.data_dir={data_dir}",
+                f"paths.log_dir={tmp}",
+                *extra,
+            ],
+            Path(tmp) / "run",
+        )
+        datamodule = instantiate(cfg.data)
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        loader = datamodule.train_dataloader()
+        settings = {
+            "batch": loader.batch_size,
+            "workers": loader.num_workers,
+            "pin_memory": loader.pin_memory,
+            "persistent": loader.persistent_workers,
+        }
+        images, start = 0, 0.0
+        for i, batch in enumerate(loader):
+            if i == 0:
+                start = time.perf_counter()
+                continue
+            images += _count(batch)
+            if i >= batches:
+                break
+        seconds = time.perf_counter() - start
+    return (images / seconds if seconds > 0 and images else float("nan")), settings
+
+
+def run(out_dir: Path, quick: bool) -> list[Path]:
+    """Run the suite; write ``data.md`` into `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = out_dir / ".shapes" if quick else Path(os.environ.get("PVTLAB_DATA", "data"))
+    extra = QUICK_DATA if quick else ()
+    batches = 2 if quick else 20
+    rows = []
+    for task, head, module in KINDS:
+        rate, settings = loader_images_per_s(task, data_dir, batches, extra)
+        step = measure_training_step(
+            task, head, "pvt_tiny", data_dir, steps=1 if quick else 4, extra=extra
+        )
+        ratio = rate / step.images_per_s
+        verdict = "met" if ratio >= TARGET_LOADER_RATIO else "missed"
+        rows.append(
+            (module, task, settings["batch"], settings["workers"], settings["pin_memory"],
+             settings["persistent"], rate, step.images_per_s, ratio, TARGET_LOADER_RATIO, verdict)
+        )  # fmt: skip
+    command = "python src/bench.py suites=[data]" + (" quick=true" if quick else "")
+    notes = [
+        f"Loaders: each task's shapes recipe (64x64 images, its augmentation and batch), the real "
+        f"DataModule of the format; {batches} batches timed after the first (worker start-up).",
+        "Training step: PVT-Tiny with the task's default head, same data and batch, eager fp32.",
+        "The loader runs alone here; during training it shares the cores with the step.",
+    ]
+    if quick:
+        notes.insert(
+            0, "Quick run: tiny data, few batches; figures show the path works, not its speed."
+        )
+    md = write_report(
+        out_dir / "data.md",
+        report_header("Data benchmark", command, notes),
+        "## Training loaders vs the PVT-Tiny training step\n\n"
+        + markdown_table(
+            [
+                "DataModule",
+                "task",
+                "batch",
+                "workers",
+                "pin memory",
+                "persistent workers",
+                "loader img/s",
+                "step img/s",
+                "loader / step",
+                "target",
+                "verdict",
+            ],
+            rows,
+        ),
+    )
+    return [md]
