@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf, open_dict
 from wandb.proto import wandb_internal_pb2
 
@@ -138,6 +139,15 @@ def test_logger_saves_a_new_run_id_and_reuses_a_checkpoints_one(tmp_path: Path) 
     second = create_wandb_logger("p", save_dir=tmp_path / "b", offline=True, resume_from=ckpt)
     assert second._wandb_init["id"] == run_id and second._wandb_init["resume"] == "allow"
     assert (tmp_path / "b" / RUN_ID_FILE).read_text().strip() == run_id
+
+
+def test_only_rank_zero_writes_the_run_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under DDP every rank builds the logger in the one run folder; rank 0's id must survive."""
+    rank0 = create_wandb_logger("p", save_dir=tmp_path, offline=True)
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    rank1 = create_wandb_logger("p", save_dir=tmp_path, offline=True)
+    assert rank1._wandb_init["id"] != rank0._wandb_init["id"]
+    assert (tmp_path / RUN_ID_FILE).read_text().strip() == rank0._wandb_init["id"]
 
 
 def test_resuming_from_a_foreign_checkpoint_starts_a_new_run(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
@@ -66,7 +67,10 @@ def create_wandb_logger(
         log.info("W&B: continuing run %s", run_id)
     else:
         run_id = new_run_id()
-    (save_dir / RUN_ID_FILE).write_text(run_id + "\n")
+    # Only rank 0 holds the W&B run (Lightning's WandbLogger); under DDP the other ranks build
+    # this logger too, in the same folder, and must not overwrite the id with one never used.
+    if rank_zero_only.rank == 0:
+        (save_dir / RUN_ID_FILE).write_text(run_id + "\n")
     return WandbLogger(
         project=project,
         name=name,
