@@ -22,11 +22,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import VisionTransformer
+
+from pvtlab.models.pvt import pretrained_cfg
 
 __all__ = [
     "CNN_BACKBONES",
@@ -170,21 +171,9 @@ def _create_columnar_vit(variant: str, pretrained: bool = False, **kwargs: Any) 
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "fixed_input_size": False,
-        "license": "apache-2.0",
-        **kwargs,
-    }
+    return pretrained_cfg(
+        first_conv="patch_embed.proj", custom_load=False, paper_ids="arXiv:2010.11929", **kwargs
+    )
 
 
 default_cfgs = generate_default_cfgs(

@@ -561,7 +561,8 @@ def _create_pvt(variant: str, pretrained: bool = False, **kwargs: Any) -> Pyrami
     )
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
+def pretrained_cfg(**kwargs: Any) -> dict[str, Any]:
+    """timm pretrained config of a pvtlab model (keyword arguments override the PVT defaults)."""
     # no url / hf_hub_id: nothing ever downloads; pass the released file with
     # pretrained_cfg_overlay=dict(file=...) (or `create_backbone(pretrained=path)`)
     return {
@@ -585,11 +586,11 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 
 default_cfgs = generate_default_cfgs(
     {
-        "pvt_tiny.in1k": _cfg(),
-        "pvt_small.in1k": _cfg(),
-        "pvt_medium.in1k": _cfg(),
-        "pvt_large.in1k": _cfg(),
-        "pvt_small_wide.untrained": _cfg(),
+        "pvt_tiny.in1k": pretrained_cfg(),
+        "pvt_small.in1k": pretrained_cfg(),
+        "pvt_medium.in1k": pretrained_cfg(),
+        "pvt_large.in1k": pretrained_cfg(),
+        "pvt_small_wide.untrained": pretrained_cfg(),
     }
 )
 
