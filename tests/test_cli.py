@@ -22,7 +22,7 @@ DEBUG_RUNS = {
 
 
 def run_cli(
-    script: str, args: list[str], tmp_path: Path, data_dir: Path
+    script: str, args: list[str], tmp_path: Path, data_dir: Path, timeout: float = 900
 ) -> subprocess.CompletedProcess:
     env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
     command = [
@@ -32,7 +32,9 @@ def run_cli(
         f"paths.log_dir={tmp_path / 'outputs'}",
         f"paths.data_dir={data_dir}",
     ]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, (
         f"{' '.join(command)}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     )

@@ -139,6 +139,25 @@ def test_settings_are_checked() -> None:
         ensure_shapes("/nonexistent", "points")
     with pytest.raises(ValueError, match="scale"):
         make_settings("classification", scale=(0.9, 0.3))
+    with pytest.raises(ValueError, match="polarity='dark'"):
+        make_settings("classification", polarity="dark")
+
+
+def test_light_polarity_draws_shapes_brighter_than_everything_else() -> None:
+    """Every labelled pixel is lighter than the layers around it; the layout is still random."""
+    settings = make_settings("classification", image_size=64, polarity="light", patterned=0.0)
+    gaps = []
+    for index in range(16):
+        scene, _ = shapes.classification_scene(settings, 0, index)
+        inside = np.zeros(scene.image.shape[:2], bool)
+        for inst in scene.instances:
+            inside |= inst.coverage >= 0.99
+        outside = ~ndimage.binary_dilation(inside, iterations=2)
+        luma = scene.image.astype(np.float32).mean(-1) / 255
+        gaps.append(np.median(luma[inside]) - np.median(luma[outside]))
+    assert min(gaps) > 0.2, gaps
+    # "any" is the default and keeps the scenes written before polarity existed.
+    assert make_settings("classification").polarity == "any"
 
 
 # ------------------------------------------------------------------------------------ cache

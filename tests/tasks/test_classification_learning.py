@@ -1,10 +1,9 @@
 """`make train` learns: the default run (PVT-Tiny, shapes, CPU) reaches its measured accuracy.
 
 MIN_TOP1 is the issue's floor (0.8), far above what a model that learned nothing (0.125 for eight
-balanced classes) or only colours and sizes could score. It is not yet backed by a run: measured
-so far, PVT-Tiny and ResNet-18 both stay at chance over the recipe's first 150-450 steps, even on
-scenes without clutter (experiments/classification_shapes.md), so the test is skipped until a
-recipe that learns is found and measured.
+balanced classes) could score. Measured with this command on 2 idle cores
+(experiments/classification_shapes.md): val top-1 0.28 after the first of 8 epochs, test top-1
+0.8225 at the end, in 12 min 24 s. The run is seeded.
 """
 
 from __future__ import annotations
@@ -24,12 +23,9 @@ def _column(rows: list[dict[str, str]], name: str) -> list[float]:
 
 
 @pytest.mark.slow
-@pytest.mark.skip(
-    reason="open gap (issue 4): the default recipe stays at chance for its 6 epochs on shapes "
-    "(experiments/classification_shapes.md); MIN_TOP1 has no measured run behind it yet"
-)
 def test_default_run_learns_the_shapes(tmp_path: Path, data_dir: Path) -> None:
-    result = run_cli("train.py", [], tmp_path, data_dir)
+    # 12.4 min on 2 idle cores; room for a slower CI machine.
+    result = run_cli("train.py", [], tmp_path, data_dir, timeout=2400)
     (run,) = (tmp_path / "outputs" / "classification" / "runs").iterdir()
     with (run / "metrics.csv").open() as handle:
         rows = list(csv.DictReader(handle))

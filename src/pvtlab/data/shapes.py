@@ -56,6 +56,12 @@ GENERATOR_VERSION = 1
 MANIFEST = "manifest.json"
 
 # Split folder names of each on-disk format (train, val).
+# (low, high) of the RGB values drawn for (unlabelled layers, labelled shapes) per polarity.
+POLARITY_RANGES: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
+    "any": ((0.0, 1.0), (0.0, 1.0)),
+    "light": ((0.0, 0.4), (0.6, 1.0)),
+}
+
 SPLIT_DIRS = {
     "classification": ("train", "val"),
     "detection": ("train2017", "val2017"),
@@ -78,6 +84,11 @@ class ShapesSettings:
         min_area: smallest visible area of a labelled shape, in pixels.
         patterned: chance that a fill drawn as stripes or checks keeps its pattern (else solid or
             gradient); high-frequency patterns make the outline harder to find.
+        polarity: "any" (every colour drawn from the whole RGB cube) or "light" (labelled shapes
+            drawn from [0.6, 1]^3 over backgrounds, clutter and occluders from [0, 0.4]^3). With
+            "any" a model must learn outlines whose contrast sign flips from image to image, which
+            takes a small model from scratch many hundreds of steps before it leaves chance;
+            "light" keeps hue, texture and layout random but fixes the sign.
         seed: the one seed every image derives from.
         jpeg_quality: quality of the written JPEG files.
     """
@@ -92,6 +103,7 @@ class ShapesSettings:
     min_visible: float = 0.55
     min_area: int = 12
     patterned: float = 1.0
+    polarity: str = "any"
     seed: int = 0
     jpeg_quality: int = 90
 
@@ -101,6 +113,10 @@ class ShapesSettings:
             if len(value) != 2 or value[0] > value[1]:
                 raise ValueError(f"shapes generator: {name}={value} must be a (min, max) pair")
             object.__setattr__(self, name, tuple(value))
+        if self.polarity not in POLARITY_RANGES:
+            raise ValueError(
+                f"shapes generator: polarity={self.polarity!r} must be one of {sorted(POLARITY_RANGES)}"
+            )
         if self.image_size < 16 or self.train_images < 1 or self.val_images < 1:
             raise ValueError(
                 f"shapes generator: image_size={self.image_size} (>= 16), train_images="
@@ -273,9 +289,14 @@ def _rasterise(polygon: np.ndarray, size: int, supersample: int = 4) -> np.ndarr
     return cov
 
 
-def _random_colour(rng: np.random.Generator, avoid: np.ndarray | None = None) -> np.ndarray:
-    """An RGB colour in [0, 1]; with `avoid`, the first of 16 draws at L1 distance >= 0.6 from it."""
-    candidates = rng.uniform(0, 1, (16, 3))
+def _random_colour(
+    rng: np.random.Generator,
+    avoid: np.ndarray | None = None,
+    value_range: tuple[float, float] = (0.0, 1.0),
+) -> np.ndarray:
+    """An RGB colour in `value_range`; with `avoid`, the first of 16 draws at L1 distance >= 0.6
+    from it."""
+    candidates = rng.uniform(*value_range, (16, 3))
     if avoid is None:
         return candidates[0]
     far = np.abs(candidates - avoid).sum(1) >= 0.6
@@ -317,10 +338,14 @@ def _texture(
 
 
 def _background(
-    rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, patterned: float
+    rng: np.random.Generator,
+    yy: np.ndarray,
+    xx: np.ndarray,
+    patterned: float,
+    value_range: tuple[float, float] = (0.0, 1.0),
 ) -> np.ndarray:
     size = yy.shape[0]
-    image = _texture(rng, rng.uniform(0, 1, 3), yy, xx, patterned)
+    image = _texture(rng, rng.uniform(*value_range, 3), yy, xx, patterned)
     # Low-frequency blotches make a flat background rare.
     low = rng.normal(0, 0.12, (4, 4, 3)).astype(np.float32)
     blotch = np.stack(
@@ -368,7 +393,8 @@ def sample_scene(
     """
     size = settings.image_size
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    image = _background(rng, yy, xx, settings.patterned)
+    layer_range, shape_range = POLARITY_RANGES[settings.polarity]
+    image = _background(rng, yy, xx, settings.patterned, layer_range)
     background_colour = image.reshape(-1, 3).mean(0)
 
     def paint(cov: np.ndarray, colour: np.ndarray) -> None:
@@ -387,7 +413,7 @@ def sample_scene(
         else:
             radius = size * rng.uniform(0.04, 0.15)
             cov = _rasterise(_place(_blob_polygon(rng), rng, radius, rng.uniform(0, size, 2)), size)
-        paint(cov, _random_colour(rng))
+        paint(cov, _random_colour(rng, value_range=layer_range))
 
     instances: list[Instance] = []
     full_areas: list[int] = []
@@ -425,7 +451,7 @@ def sample_scene(
                 break
         else:
             continue
-        colour = _random_colour(rng, avoid=background_colour)
+        colour = _random_colour(rng, avoid=background_colour, value_range=shape_range)
         paint(cov, colour)
         cover(cov)
         instances.append(Instance(int(category), cov))
@@ -437,7 +463,7 @@ def sample_scene(
             radius = size * rng.uniform(0.08, 0.3)
             cov = _rasterise(_place(unit, rng, radius, rng.uniform(0, size, 2)), size)
             if fits(cov):
-                paint(cov, _random_colour(rng))
+                paint(cov, _random_colour(rng, value_range=layer_range))
                 cover(cov)
                 break
 

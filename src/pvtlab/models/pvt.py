@@ -147,7 +147,9 @@ class SpatialReductionAttention(nn.Module):
         B, N, C = x.shape
         q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
         if self.sr is not None:
-            kv_in = x.transpose(1, 2).reshape(B, C, size[0], size[1])
+            # A channels-last view of the tokens: the reduction conv reads them without a copy
+            # and its channels-last output flattens back to tokens as a view.
+            kv_in = x.reshape(B, size[0], size[1], C).permute(0, 3, 1, 2)
             kv_in = self.sr(pad_to_multiple(kv_in, self.sr_ratio)).flatten(2).transpose(1, 2)
             kv_in = self.norm(kv_in)
         else:
