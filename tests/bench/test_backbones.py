@@ -32,3 +32,13 @@ def test_helpers() -> None:
     assert peak.mib is None or peak.mib > 32
     table = markdown_table(["a", "b"], [(1, 0.12345), ("x", None)])
     assert table.splitlines()[2:] == ["| 1 | 0.123 |", "| x | n/a |"]
+
+
+def test_full_run_measures_memory_and_timings_in_separate_worker_processes() -> None:
+    cfg = backbones.Config("pvt_tiny", 32, 48, 1, True, repeats_fwd=1, repeats_bwd=1)
+    fused, reference = backbones._measure_in_subprocess(cfg)
+    assert (fused["fused"], reference["fused"]) == (True, False)
+    for result in (fused, reference):
+        assert result["fwd_img_s"] > 0 and result["fwdbwd_img_s"] > 0
+        assert result["fwd_peak_mib"] is None or result["fwd_peak_mib"] >= 0
+        assert "fwdbwd_peak_mib" in result

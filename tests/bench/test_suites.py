@@ -53,3 +53,15 @@ def test_data_quick(tmp_path: Path) -> None:
     for module in ("ImageFolderDataModule", "CocoDataModule", "ADE20KDataModule"):
         assert f"| {module} |" in text
     assert "loader / step" in text
+
+
+def test_reports_carry_the_load_average_of_the_suite_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from pvtlab import bench
+
+    monkeypatch.setattr(bench, "_start", {})
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.5, 1.0))
+    bench.mark_start()
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.0, 2.0, 2.0))  # the suite's own load
+    assert bench.machine_info()["load average at start (1/5/15 min)"] == "0.3 / 0.5 / 1.0"

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from pvtlab.data.imagefolder import ImageFolderDataModule, ImageFolderError
+from pvtlab.data.loading import LoaderSettings
 from pvtlab.data.samplers import RepeatAugSampler
 
 CLASSES = ("n01", "n02", "n03")
@@ -133,6 +134,4 @@ def test_repeated_augmentation_uses_the_sampler(tmp_path: Path) -> None:
 
 def test_loader_defaults(tmp_path: Path) -> None:
     dm = ImageFolderDataModule(make_folder(tmp_path), image_size=32)
-    assert 0 <= dm.num_workers <= 8
-    assert dm.pin_memory == torch.cuda.is_available()
-    assert dm.persistent_workers == (dm.num_workers > 0)
+    assert dm.loading == LoaderSettings.resolve()

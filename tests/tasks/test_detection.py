@@ -276,12 +276,14 @@ def _runnable(cfg: DictConfig) -> DictConfig:
 
 def overfit_overrides(data_dir: Path, scenes: int, epochs: int) -> list[str]:
     """The shapes recipe trained on its first `scenes` training scenes, validated and tested on
-    them, for `epochs` epochs at a constant lr after a 20-step warm-up, evaluated once at the end."""
+    them, for `epochs` epochs at a constant lr after a 20-step warm-up, evaluated once at the end.
+    Colours from the whole RGB cube (`polarity=any`), the scenes the thresholds were measured on."""
     return [
         # A cache of its own: other generator settings than the default shapes folder.
         f"data.root={data_dir / f'shapes_overfit{scenes}'}",
         f"data.generator.train_images={scenes}",
         "data.generator.val_images=8",
+        "data.generator.polarity=any",
         "+data.val_images=train2017",
         "+data.val_annotations=annotations/instances_train2017.json",
         "data.flip_prob=0",

@@ -19,6 +19,7 @@ import torch
 __all__ = [
     "PeakMemory",
     "machine_info",
+    "mark_start",
     "markdown_table",
     "report_header",
     "synchronize",
@@ -101,8 +102,28 @@ class PeakMemory:
             self.mib = None if hwm is None else max(hwm - self._base, 0) / 1024
 
 
+_start: dict[str, str] = {}
+
+
+def mark_start() -> None:
+    """Note the time and load average now, as the start of the suite about to run: reports are
+    written at its end, when the suite's own threads are part of the load."""
+    _start.update(_now_and_load())
+
+
+def _now_and_load() -> dict[str, str]:
+    return {
+        "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        # other work on a shared machine slows every figure: say how busy it was
+        "load average at start (1/5/15 min)": (
+            " / ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+        ),
+    }
+
+
 def machine_info() -> dict[str, str]:
-    """Where a benchmark ran: CPU, GPU, threads and library versions."""
+    """Where a benchmark ran: CPU, GPU, threads and library versions; the date and load average
+    are those of :func:`mark_start` when the runner called it, else of now."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -113,20 +134,17 @@ def machine_info() -> dict[str, str]:
         pass
     import timm
 
-    info = {
-        "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+    start = _start or _now_and_load()
+    return {
+        "date": start["date"],
         "machine": f"{platform.system()} {platform.machine()}, {cpu}",
         "cpu cores": f"{os.cpu_count()} (torch threads: {torch.get_num_threads()})",
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-        # other work on a shared machine slows every figure: say how busy it was
-        "load average at start (1/5/15 min)": (
-            " / ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-        ),
+        "load average at start (1/5/15 min)": start["load average at start (1/5/15 min)"],
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "timm": timm.__version__,
     }
-    return info
 
 
 def report_header(title: str, command: str, notes: Sequence[str] = ()) -> str:

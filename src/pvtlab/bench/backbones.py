@@ -6,9 +6,10 @@ GMACs against input size (paper Figure 6).
 Throughput: images per second, forward (eval, no grad) and forward + backward (train mode, the
 mean of the outputs as loss); median of repeats after a warm-up. 224 x 224 at batch 32 runs the
 classifiers; 800 x 1333 at batch 1 runs the ``features_only`` backbones (detection inputs).
-Peak memory: see :class:`pvtlab.bench.PeakMemory`; in the full run every configuration runs in
-its own process with glibc's mmap threshold fixed at 128 KiB, so freed tensors leave the
-resident set and its high-water mark is the peak the pass needs above the model and inputs.
+Peak memory: see :class:`pvtlab.bench.PeakMemory`; in the full run every configuration is
+measured in its own process with glibc's mmap threshold fixed at 128 KiB, so freed tensors leave
+the resident set and its high-water mark is the peak the pass needs above the model and inputs;
+its timings come from a second process with the default allocator.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ class Config:
     width: int
     batch: int
     features_only: bool
-    repeats_fwd: int = 2  # timed runs after the first (which also measures memory)
+    repeats_fwd: int = 3  # timed forward runs per attention path (the median is reported)
     repeats_bwd: int = 1
+    warmup_fwd: int = 1  # untimed forward runs per path before timing
 
     @property
     def variants(self) -> tuple[bool, ...]:
@@ -59,12 +61,13 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def measure(cfg: Config) -> list[dict[str, Any]]:
-    """Time and measure one configuration in this process, one result per attention path.
+def measure(cfg: Config, *, memory: bool = True, timing: bool = True) -> list[dict[str, Any]]:
+    """Measure one configuration in this process, one result per attention path.
 
     Memory is measured path by path, fused first (so whatever the allocator kept from it could
-    only flatter the reference); timings alternate between the paths, so a machine whose load
-    drifts during the run slows both alike.
+    only flatter the reference), one run each. Timings alternate between the paths, so a machine
+    whose load drifts during the run slows both alike; the first timed forward of each path is
+    preceded by `cfg.warmup_fwd` untimed ones unless the memory runs came first.
     """
     from pvtlab.models import create_backbone
 
@@ -92,21 +95,28 @@ def measure(cfg: Config) -> list[dict[str, Any]]:
         loss.backward()
 
     results = {fused: {"fused": fused} for fused in cfg.variants}
-    for mode, fn, repeats in (
-        ("fwd", forward, cfg.repeats_fwd),
-        ("fwdbwd", forward_backward, cfg.repeats_bwd),
+    for mode, fn, repeats, warmup in (
+        ("fwd", forward, cfg.repeats_fwd, cfg.warmup_fwd),
+        ("fwdbwd", forward_backward, cfg.repeats_bwd, 0),
     ):
         model.train(mode == "fwdbwd")
         with torch.no_grad():  # runtime start-up (thread pools, kernels) before measuring
             model(torch.randn(1, 3, 64, 64, device=device))
-        times: dict[bool, list[float]] = {fused: [] for fused in cfg.variants}
-        for fused in cfg.variants:  # first run: memory, and the first timing sample
+        if memory:
+            for fused in cfg.variants:
+                select(fused)
+                with PeakMemory(device) as peak:
+                    fn()
+                model.zero_grad(set_to_none=True)
+                results[fused][f"{mode}_peak_mib"] = peak.mib
+        if not timing:
+            continue
+        for fused in cfg.variants:
             select(fused)
-            with PeakMemory(device) as peak:
-                times[fused].append(time_call(fn, warmup=0, repeats=1, device=device))
-            model.zero_grad(set_to_none=True)
-            results[fused][f"{mode}_peak_mib"] = peak.mib
-        for _ in range(repeats):
+            for _ in range(0 if memory else warmup):
+                fn()
+        times: dict[bool, list[float]] = {fused: [] for fused in cfg.variants}
+        for _ in range(max(repeats, 1)):
             for fused in cfg.variants:
                 select(fused)
                 times[fused].append(time_call(fn, warmup=0, repeats=1, device=device))
@@ -117,10 +127,24 @@ def measure(cfg: Config) -> list[dict[str, Any]]:
 
 
 def _measure_in_subprocess(cfg: Config) -> list[dict[str, Any]]:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    """Memory and timings of `cfg`, each measured in a fresh process of its own.
+
+    The memory process fixes glibc's mmap threshold at 128 KiB so freed tensors leave the
+    resident set (see :class:`pvtlab.bench.PeakMemory`); the timing process keeps the default
+    allocator, as training does: with the threshold fixed every large tensor is a fresh mmap
+    whose pages fault in on each pass, which slows the many mid-sized buffers of the fused path
+    more than the few huge ones of the reference.
+    """
+    memory = _run_worker(cfg, memory=True, env={"MALLOC_MMAP_THRESHOLD_": "131072"})
+    timing = _run_worker(cfg, timing=True, env={})
+    return [{**m, **t} for m, t in zip(memory, timing, strict=True)]
+
+
+def _run_worker(cfg: Config, env: dict[str, str], **what: bool) -> list[dict[str, Any]]:
+    request = {"config": asdict(cfg), "memory": False, "timing": False, **what}
     proc = subprocess.run(
-        [sys.executable, "-m", "pvtlab.bench.backbones", json.dumps(asdict(cfg))],
-        env=env,
+        [sys.executable, "-m", "pvtlab.bench.backbones", json.dumps(request)],
+        env={**os.environ, **env},
         capture_output=True,
         text=True,
         check=False,
@@ -134,11 +158,11 @@ def _plan(quick: bool) -> list[Config]:
     if quick:
         settings = [(32, 32, 2, False), (64, 96, 1, True)]
         names = ("pvt_tiny", *BASELINES)
-        reps = dict(repeats_fwd=0, repeats_bwd=0)
+        reps = dict(repeats_fwd=1, repeats_bwd=1)
     else:
         settings = [(224, 224, 32, False), (800, 1333, 1, True)]
         names = (*PVT, *BASELINES)
-        reps = dict(repeats_fwd=1, repeats_bwd=0)
+        reps = dict(repeats_fwd=3, repeats_bwd=1, warmup_fwd=1)
     return [
         Config(name, h, w, batch, features_only, **reps)
         for h, w, batch, features_only in settings
@@ -271,10 +295,11 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
         + (
             "Quick run: tiny sizes, one repeat, one thread, all in one process (memory figures rough)."
             if quick
-            else f"Samples per figure: forward {plan[0].repeats_fwd + 1} (median), "
-            f"forward+backward {plan[0].repeats_bwd + 1}; the first run also measures memory "
-            "(start-up excluded by a small run before). Each model and size runs in its own "
-            "process; timings alternate fused / reference, memory is measured fused first."
+            else f"Timed runs per figure: forward {plan[0].repeats_fwd} (median) after "
+            f"{plan[0].warmup_fwd} untimed, forward+backward {plan[0].repeats_bwd}; start-up "
+            "excluded by a small run before. Each model and size is measured in two fresh "
+            "processes: one for memory (fused first), one for timings (glibc's default "
+            "allocator, fused and reference alternating)."
         ),
         "Peak memory: MiB the pass adds above the model and inputs "
         + (
@@ -300,7 +325,9 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
 
 
 def _worker(argv: list[str]) -> None:
-    print(json.dumps(measure(Config(**json.loads(argv[0])))))
+    request = json.loads(argv[0])
+    cfg = Config(**request["config"])
+    print(json.dumps(measure(cfg, memory=request["memory"], timing=request["timing"])))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from pvtlab.bench import mark_start
+
 log = logging.getLogger(__name__)
 
 SUITES = ("backbones", "detectors", "training", "data")
@@ -23,6 +25,7 @@ def run_suites(names: Sequence[str], out_dir: str | Path, quick: bool = False) -
     for name in names:
         log.info("benchmark suite %s (quick=%s)", name, quick)
         suite = importlib.import_module(f"pvtlab.bench.{name}")
+        mark_start()
         written += suite.run(out_dir, quick)
     for path in written:
         log.info("wrote %s", path)

@@ -59,6 +59,7 @@ from pvtlab.data.detection_transforms import (
     eval_transforms,
     train_transforms,
 )
+from pvtlab.data.loading import LoaderSettings
 
 log = logging.getLogger(__name__)
 
@@ -492,7 +493,8 @@ class CocoDataModule(L.LightningDataModule):
         test_images, test_annotations: default to the val split.
         batch_size: training images per device (the paper: 2 per GPU x 8 GPUs).
         val_batch_size: evaluation images per device (default: batch_size).
-        num_workers: loader processes per device.
+        num_workers, pin_memory, persistent_workers, prefetch_factor: loader settings; None
+            picks the default (`pvtlab.data.loading`).
         train_short_side, train_short_side_mode, max_size: training scales
             (see `pvtlab.data.detection_transforms.short_side_choices`).
         test_short_side: evaluation scale (with the same `max_size` cap).
@@ -515,7 +517,7 @@ class CocoDataModule(L.LightningDataModule):
         test_annotations: str | None = None,
         batch_size: int = 2,
         val_batch_size: int | None = None,
-        num_workers: int = 2,
+        num_workers: int | None = None,
         train_short_side: Sequence[int] = (800,),
         train_short_side_mode: str = "choice",
         max_size: int | None = 1333,
@@ -528,7 +530,9 @@ class CocoDataModule(L.LightningDataModule):
         check_files: bool = True,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+        prefetch_factor: int | None = 2,
         kind: str = "detection",
         num_classes: int | None = None,
     ) -> None:
@@ -549,8 +553,9 @@ class CocoDataModule(L.LightningDataModule):
         }
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
+        self.loading = LoaderSettings.resolve(
+            num_workers, pin_memory, persistent_workers, prefetch_factor
+        )
         self.num_classes = num_classes
         self.dataset_options = {
             "with_masks": with_masks,
@@ -602,10 +607,8 @@ class CocoDataModule(L.LightningDataModule):
             self.split(name),
             batch_size=batch_size,
             shuffle=shuffle,
-            num_workers=self.num_workers,
             collate_fn=collate_detection,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+            **self.loading.kwargs(),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -25,6 +25,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from pvtlab.data.loading import LoaderSettings
 from pvtlab.data.samplers import RepeatAugSampler
 from pvtlab.data.transforms import DEFAULT_CROP_PCT, classification_transform
 
@@ -149,15 +150,6 @@ class ImageFolderDataset(Dataset):
         )
 
 
-def default_num_workers() -> int:
-    """One worker less than the usable cores (the main process trains), at most 8."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(0, min(8, cores - 1))
-
-
 class ImageFolderDataModule(L.LightningDataModule):
     """Train / val / test loaders of an image-folder data set with the DeiT transforms.
 
@@ -169,10 +161,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         image_size: training crop and evaluation size.
         batch_size: per process, for training.
         eval_batch_size: per process, for validation and test (default: batch_size).
-        num_workers: loader processes per DataLoader (default: cores - 1, at most 8).
-        pin_memory: default: when CUDA is available.
-        persistent_workers: keep workers between epochs (only with num_workers > 0).
-        prefetch_factor: batches loaded ahead per worker.
+        num_workers, pin_memory, persistent_workers, prefetch_factor: loader settings; None
+            picks the default (`pvtlab.data.loading`).
         drop_last: drop the last incomplete training batch (Mixup needs even batches).
         repeated_aug: copies of each image per epoch (DeiT: 3); 1 disables the sampler.
         invalid_files: "error" or "skip" for non-image or unreadable files (module docstring).
@@ -211,10 +201,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.image_size = int(image_size)
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
-        self.num_workers = default_num_workers() if num_workers is None else int(num_workers)
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
-        self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
-        self.prefetch_factor = prefetch_factor if self.num_workers > 0 else None
+        self.loading = LoaderSettings.resolve(
+            num_workers, pin_memory, persistent_workers, prefetch_factor
+        )
         self.drop_last = drop_last
         self.repeated_aug = int(repeated_aug)
         self.invalid_files = invalid_files
@@ -306,10 +295,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-            prefetch_factor=self.prefetch_factor,
+            **self.loading.kwargs(),
             **kwargs,
         )
 

@@ -23,6 +23,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from pvtlab.data.loading import LoaderSettings
 from pvtlab.data.segmentation_transforms import EvalTransform, TrainTransform, padded_size
 
 ADE20K_CLASSES = (
@@ -211,6 +212,8 @@ class ADE20KDataModule(L.LightningDataModule):
         crop_size, scale, ratio_range, cat_max_ratio, flip_prob, photometric: the training pipeline.
         test_scale: keep-ratio resize at evaluation (default `scale`: shorter side 512).
         train_split, val_split, test_split: folder names; no test split -> the val split.
+        num_workers, pin_memory, persistent_workers, prefetch_factor: loader settings; None
+            picks the default (`pvtlab.data.loading`).
     """
 
     def __init__(
@@ -221,7 +224,7 @@ class ADE20KDataModule(L.LightningDataModule):
         class_names: Sequence[str] | None = None,
         batch_size: int = 2,
         val_batch_size: int = 1,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         crop_size: Sequence[int] = (512, 512),
         scale: Sequence[int] = (2048, 512),
         ratio_range: Sequence[float] = (0.5, 2.0),
@@ -234,7 +237,9 @@ class ADE20KDataModule(L.LightningDataModule):
         train_split: str = "training",
         val_split: str = "validation",
         test_split: str | None = None,
-        pin_memory: bool = True,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+        prefetch_factor: int | None = 2,
     ) -> None:
         super().__init__()
         if kind != "segmentation":
@@ -254,11 +259,12 @@ class ADE20KDataModule(L.LightningDataModule):
         self.class_names = tuple(class_names or default_class_names(self.root, self.num_classes))
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
-        self.num_workers = num_workers
+        self.loading = LoaderSettings.resolve(
+            num_workers, pin_memory, persistent_workers, prefetch_factor
+        )
         self.reduce_zero_label = reduce_zero_label
         self.ignore_index = ignore_index
         self.splits = {"train": train_split, "val": val_split, "test": test_split or val_split}
-        self.pin_memory = pin_memory
         self.train_transform = TrainTransform(
             crop_size, scale, ratio_range, cat_max_ratio, flip_prob, photometric, ignore_index
         )
@@ -295,10 +301,8 @@ class ADE20KDataModule(L.LightningDataModule):
             batch_size=batch_size,
             shuffle=shuffle,
             drop_last=shuffle,
-            num_workers=self.num_workers,
             collate_fn=collate_segmentation,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
+            **self.loading.kwargs(),
         )
 
     def train_dataloader(self) -> DataLoader:
