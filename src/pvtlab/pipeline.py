@@ -41,6 +41,7 @@ TASK_META = ("kind", "monitor", "monitor_mode")
 # `masks`: the head trains on instance masks (data configs read it); `optim`: the head's released
 # optimizer values (task configs read them, e.g. task.optimizer.lr: ${oc.select:head.optim.lr,...}).
 HEAD_META = ("kind", "features_only", "masks", "optim")
+MEMORY_FORMATS = ("contiguous", "channels_last")  # backbone.memory_format
 
 
 def build_model(
@@ -49,18 +50,25 @@ def build_model(
     """The network: a timm backbone (pyramid features or its own classifier) under a head.
 
     Args:
-        backbone: the `backbone` config group (name, pretrained, drop_path_rate, kwargs).
+        backbone: the `backbone` config group (name, pretrained, drop_path_rate, memory_format,
+            kwargs).
         head: the `head` config group (`_target_` and its arguments, plus kind / features_only).
         num_classes: classes of the data set.
     """
     backbone = dict(backbone)
     head_cfg = OmegaConf.create(dict(head))
+    memory_format = backbone.get("memory_format") or "contiguous"
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(
+            f"backbone.memory_format={memory_format!r}: choose one of {', '.join(MEMORY_FORMATS)}"
+        )
     network = create_backbone(
         backbone["name"],
         features_only=bool(head_cfg.get("features_only", True)),
         num_classes=num_classes,
         pretrained=backbone.get("pretrained"),
         drop_path_rate=backbone.get("drop_path_rate"),
+        channels_last=memory_format == "channels_last",
         **dict(backbone.get("kwargs") or {}),
     )
     return instantiate(

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from pvtlab.bench import data, detectors, runner, training
 from pvtlab.bench.steps import HEADS
@@ -65,3 +66,32 @@ def test_reports_carry_the_load_average_of_the_suite_start(monkeypatch: pytest.M
     bench.mark_start()
     monkeypatch.setattr(os, "getloadavg", lambda: (2.0, 2.0, 2.0))  # the suite's own load
     assert bench.machine_info()["load average at start (1/5/15 min)"] == "0.3 / 0.5 / 1.0"
+
+
+def test_data_suite_counts_images_in_every_tasks_batch_layout() -> None:
+    from pvtlab.data.coco import collate_detection
+    from pvtlab.data.segmentation import collate_segmentation
+
+    image = torch.zeros(3, 8, 8)
+    segmentation = collate_segmentation(
+        [
+            {"image": image, "label": torch.zeros(8, 8, dtype=torch.long), "name": str(i)}
+            for i in range(3)
+        ]
+    )
+    detection = collate_detection([(image, {}), None, (image, {})])
+    classification = (torch.zeros(5, 3, 8, 8), torch.zeros(5, dtype=torch.long))
+    assert data.count_images(segmentation) == 3  # not the dict's five keys
+    assert data.count_images(detection) == 2  # the skipped sample left out
+    assert data.count_images(classification) == 5
+
+
+def test_interleaved_timing_takes_the_paths_in_turns() -> None:
+    from pvtlab import bench
+
+    calls: list[str] = []
+    seconds = bench.time_interleaved(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=1, repeats=2
+    )
+    assert calls == ["a", "b", "a", "b", "a", "b"]  # warm-up of each, then turns
+    assert set(seconds) == {"a", "b"} and all(s >= 0 for s in seconds.values())

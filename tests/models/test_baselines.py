@@ -46,9 +46,12 @@ def test_config_schema(name: str) -> None:
         cfg = _config(name, kind)
         assert set(cfg) == {
             "name", "family", "pretrained", "drop_path_by_task", "drop_path_rate",
-            "grad_clip_by_task", "kwargs",
+            "grad_clip_by_task", "memory_format", "kwargs",
         }  # fmt: skip
         assert cfg["name"] == name and cfg["family"] == backbone_family(name)
+        # NHWC for the convolutional baselines only (what it speeds up)
+        expected_format = "channels_last" if cfg["family"] == "cnn" else "contiguous"
+        assert cfg["memory_format"] == expected_format
         assert cfg["drop_path_rate"] == cfg["drop_path_by_task"][kind]
         assert set(cfg["grad_clip_by_task"]) == {"classification", "detection", "segmentation"}
     if name in ("pvt_medium", "pvt_large"):
@@ -87,6 +90,24 @@ def test_baseline_features_run(name: str) -> None:
         maps = model(torch.randn(2, 3, *SIZE))
     assert [m.shape[-1] for m in maps] == [25, 13, 7, 4]
     assert all(torch.isfinite(m).all() for m in maps)
+
+
+def test_channels_last_backbone_keeps_its_outputs() -> None:
+    from pvtlab.pipeline import build_model
+
+    head = {"_target_": "pvtlab.models.heads.linear.build_classifier", "features_only": False}
+    torch.manual_seed(0)
+    nchw = create_backbone("resnet18", features_only=True).eval()
+    nhwc = create_backbone("resnet18", features_only=True, channels_last=True).eval()
+    nhwc.load_state_dict(nchw.state_dict())
+    conv = nhwc.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    x = torch.randn(2, 3, *SIZE)
+    with torch.no_grad():
+        for a, b in zip(nchw(x), nhwc(x), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"backbone\.memory_format='nhwc'"):
+        build_model({"name": "resnet18", "memory_format": "nhwc"}, head, num_classes=3)
 
 
 def test_out_indices_select_pyramid_levels() -> None:

@@ -10,9 +10,9 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -24,8 +24,11 @@ __all__ = [
     "report_header",
     "synchronize",
     "time_call",
+    "time_interleaved",
     "write_report",
 ]
+
+K = TypeVar("K", bound=Hashable)
 
 
 def synchronize(device: torch.device | str | None = None) -> None:
@@ -52,6 +55,26 @@ def time_call(
         synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def time_interleaved(
+    fns: Mapping[K, Callable[[], Any]],
+    *,
+    warmup: int = 1,
+    repeats: int = 5,
+    device: torch.device | str | None = None,
+) -> dict[K, float]:
+    """Median wall-clock seconds of each of `fns`, timed in turns (a, b, c, a, b, c, ...) after
+    `warmup` untimed runs of each, so that a machine whose speed drifts during the measurement
+    (load, clocks) shifts every path alike and their ratios stay meaningful."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[K, list[float]] = {key: [] for key in fns}
+    for _ in range(max(repeats, 1)):
+        for key, fn in fns.items():
+            times[key].append(time_call(fn, warmup=0, repeats=1, device=device))
+    return {key: statistics.median(values) for key, values in times.items()}
 
 
 def _proc_status_kib(field: str) -> int | None:

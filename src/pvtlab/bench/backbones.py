@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pvtlab.bench import PeakMemory, markdown_table, report_header, time_call, write_report
+from pvtlab.bench import PeakMemory, markdown_table, report_header, time_interleaved, write_report
 
 __all__ = ["Config", "measure", "run"]
 
@@ -111,18 +111,19 @@ def measure(cfg: Config, *, memory: bool = True, timing: bool = True) -> list[di
                 results[fused][f"{mode}_peak_mib"] = peak.mib
         if not timing:
             continue
-        for fused in cfg.variants:
-            select(fused)
-            for _ in range(0 if memory else warmup):
-                fn()
-        times: dict[bool, list[float]] = {fused: [] for fused in cfg.variants}
-        for _ in range(max(repeats, 1)):
-            for fused in cfg.variants:
-                select(fused)
-                times[fused].append(time_call(fn, warmup=0, repeats=1, device=device))
+
+        def on_path(fused: bool, fn: Callable[[], None] = fn) -> Callable[[], None]:
+            return lambda: (select(fused), fn())
+
+        seconds = time_interleaved(
+            {fused: on_path(fused) for fused in cfg.variants},
+            warmup=0 if memory else warmup,
+            repeats=repeats,
+            device=device,
+        )
         model.zero_grad(set_to_none=True)
         for fused in cfg.variants:
-            results[fused][f"{mode}_img_s"] = cfg.batch / statistics.median(times[fused])
+            results[fused][f"{mode}_img_s"] = cfg.batch / seconds[fused]
     return list(results.values())
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from hydra.utils import instantiate
 from pvtlab.bench import markdown_table, report_header, write_report
 from pvtlab.bench.steps import QUICK_DATA, compose_run, measure_training_step
 
-__all__ = ["loader_images_per_s", "run"]
+__all__ = ["count_images", "loader_images_per_s", "run"]
 
 TARGET_LOADER_RATIO = 3.0
 KINDS = (
@@ -30,8 +31,15 @@ KINDS = (
 )
 
 
-def _count(batch: Any) -> int:
-    images = batch[0] if isinstance(batch, list | tuple) else batch
+def count_images(batch: Any) -> int:
+    """Images in a collated training batch of any task: a dict with an "image" tensor
+    (segmentation), an (images, targets) pair (classification, detection) or a bare tensor."""
+    if isinstance(batch, Mapping):
+        images = batch["image"]
+    elif isinstance(batch, list | tuple):
+        images = batch[0]
+    else:
+        images = batch
     return len(images)
 
 
@@ -66,7 +74,7 @@ def loader_images_per_s(
             if i == 0:
                 start = time.perf_counter()
                 continue
-            images += _count(batch)
+            images += count_images(batch)
             if i >= batches:
                 break
         seconds = time.perf_counter() - start

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from pvtlab.bench import markdown_table, report_header, time_call, write_report
+from pvtlab.bench import markdown_table, report_header, time_interleaved, write_report
 from pvtlab.bench.steps import HEADS, QUICK_DATA, measure_training_step
 
 __all__ = ["forward_fast_paths", "run"]
@@ -29,16 +29,15 @@ TARGET_MATMUL_SHARE = 0.75  # compiled fp32 GMAC rate vs a large fp32 matmul's
 TARGET_COMPILE_STEP = 1.3  # compiled vs eager training step
 
 
-def _matmul_gmacs_per_s(n: int, repeats: int) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    seconds = time_call(lambda: a @ b, warmup=1, repeats=repeats)
-    return n**3 / seconds / 1e9
+MATMUL = "fp32 matmul"
 
 
 def forward_fast_paths(
-    name: str, size: int, batch: int, repeats: int, compile: bool = True
+    name: str, size: int, batch: int, repeats: int, compile: bool = True, matmul: int = 2048
 ) -> dict[str, Any]:
-    """Forward images/s of classifier `name` (eval, no grad) along each path, plus GMACs."""
+    """Forward images/s of classifier `name` (eval, no grad) along each path, its GMACs per
+    image, and the GMAC/s of a `matmul`-sized square fp32 matrix product (key MATMUL), all
+    timed in turns so that their ratios hold on a machine whose speed drifts."""
     from pvtlab.models import count_gmacs, create_backbone
 
     torch.manual_seed(0)
@@ -46,50 +45,68 @@ def forward_fast_paths(
     with torch.device("meta"):
         gmacs = count_gmacs(create_backbone(name, features_only=False, img_size=size), (size, size))
     x = torch.randn(batch, 3, size, size)
+    a, b = torch.randn(matmul, matmul), torch.randn(matmul, matmul)
 
-    def timed(fn: Any) -> float:
-        with torch.no_grad():
-            return batch / time_call(fn, warmup=1, repeats=repeats)
-
-    def with_attention(fused: bool) -> None:
+    def eager(fused: bool) -> Any:
         model.fused_attn = fused
+        return model(x)
 
-    out: dict[str, Any] = {"gmacs_per_image": gmacs}
-    with_attention(False)
-    out["eager reference attention, fp32"] = timed(lambda: model(x))
-    with_attention(True)
-    out["eager fused attention, fp32"] = timed(lambda: model(x))
-
-    def bf16() -> None:
+    def bf16() -> Any:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            model(x)
+            return eager(fused=True)
 
-    out["eager fused attention, bf16 autocast"] = timed(bf16)
+    paths: dict[str, Any] = {
+        "eager reference attention, fp32": lambda: eager(fused=False),
+        "eager fused attention, fp32": lambda: eager(fused=True),
+        "eager fused attention, bf16 autocast": bf16,
+    }
     if compile:
+        model.fused_attn = True  # compiled once, on the fused path
         compiled = torch.compile(model)
-        out["compiled, fp32"] = timed(lambda: compiled(x))
+        paths["compiled, fp32"] = lambda: (setattr(model, "fused_attn", True), compiled(x))
+    paths[MATMUL] = lambda: a @ b
+    with torch.no_grad():
+        seconds = time_interleaved(paths, warmup=1, repeats=repeats)
+    out: dict[str, Any] = {key: batch / s for key, s in seconds.items() if key != MATMUL}
+    out["gmacs_per_image"] = gmacs
+    out[MATMUL] = matmul**3 / seconds[MATMUL] / 1e9
     return out
 
 
-def cnn_memory_formats(name: str, size: int, batch: int, repeats: int) -> dict[str, float]:
-    """Forward images/s of CNN classifier `name` in contiguous (NCHW) vs channels_last memory."""
+def cnn_memory_formats(
+    name: str, size: int, batch: int, repeats: int
+) -> dict[str, tuple[float, float]]:
+    """(forward, training step) images/s of CNN classifier `name` with NCHW (contiguous) vs
+    NHWC (channels_last) weights and inputs; the step is forward, loss, backward and AdamW.
+    The two formats are timed in turns."""
     from pvtlab.models import create_backbone
 
-    torch.manual_seed(0)
-    model = create_backbone(name, features_only=False).eval()
     x = torch.randn(batch, 3, size, size)
-    out = {}
-    for label, fmt in (
-        ("contiguous", torch.contiguous_format),
-        ("channels_last", torch.channels_last),
-    ):
-        model = model.to(memory_format=fmt)
-        inputs = x.contiguous(memory_format=fmt)
-        with torch.no_grad():
-            out[label] = batch / time_call(
-                lambda m=model, i=inputs: m(i), warmup=1, repeats=repeats
-            )
-    return out
+    labels = torch.zeros(batch, dtype=torch.long)
+    models, inputs, optimizers = {}, {}, {}
+    for label, channels_last in (("contiguous", False), ("channels_last", True)):
+        torch.manual_seed(0)
+        models[label] = create_backbone(name, features_only=False, channels_last=channels_last)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        inputs[label] = x.contiguous(memory_format=fmt)
+        optimizers[label] = torch.optim.AdamW(models[label].parameters(), lr=1e-4)
+
+    def forward(label: str) -> Any:
+        return models[label](inputs[label])
+
+    def train_step(label: str) -> None:
+        optimizers[label].zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(forward(label), labels).backward()
+        optimizers[label].step()
+
+    for model in models.values():
+        model.eval()
+    with torch.no_grad():
+        fwd = time_interleaved({k: lambda k=k: forward(k) for k in models}, repeats=repeats)
+    for model in models.values():
+        model.train()
+    step = time_interleaved({k: lambda k=k: train_step(k) for k in models}, repeats=repeats)
+    return {k: (batch / fwd[k], batch / step[k]) for k in models}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -103,16 +120,14 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
     data_dir = out_dir / ".shapes" if quick else Path(os.environ.get("PVTLAB_DATA", "data"))
     backbone = "pvt_tiny"
     extra = QUICK_DATA if quick else ()
-    steps = 1 if quick else 3
-    # Compiled steps: the classifier only. Compiling a torchvision detector's training step took
-    # over 10 minutes on 2 cores here (and RetinaNet's failed in the C++ build): beyond the
-    # suite's budget. `python src/train.py compile=true ...` remains the way to try the others.
-    compile_heads = {("classification", "linear")}
-
+    steps = 1 if quick else 10  # one loader worker shares the 2 cores: few steps are noisy
     rows, ratio_rows, results = [], [], {}
     for task, head in HEADS:
         variants = [("fp32", False, "32-true"), ("bf16 autocast", False, "bf16-mixed")]
-        if (task, head) in compile_heads:
+        # Compiled: what `compile=true` compiles (the whole classifier; the backbone under a
+        # dense head, whose torchvision parts have data-dependent shapes). About a minute of
+        # compilation per head on 2 cores, so quick runs (the tests) compile the classifier only.
+        if not quick or task == "classification":
             variants.append(("fp32 compiled", True, "32-true"))
         for label, compiled, precision in variants:
             try:
@@ -166,10 +181,10 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
     if quick:
         fwd_model, size, batch, repeats, mm = "pvt_tiny", 64, 2, 1, 256
     else:
-        fwd_model, size, batch, repeats, mm = "pvt_small", 224, 32, 2, 2048
+        fwd_model, size, batch, repeats, mm = "pvt_small", 224, 32, 3, 2048
     # quick: the compiled training step above already shows that compilation works
-    fwd = forward_fast_paths(fwd_model, size, batch, repeats, compile=not quick)
-    matmul = _matmul_gmacs_per_s(mm, repeats=3)
+    fwd = forward_fast_paths(fwd_model, size, batch, repeats, compile=not quick, matmul=mm)
+    matmul = fwd.pop(MATMUL)
     cnn_name, cnn_size = ("resnet18", 64) if quick else ("resnet50", 224)
     cnn = cnn_memory_formats(cnn_name, cnn_size, batch, repeats)
     paths = [k for k in fwd if k != "gmacs_per_image"]
@@ -197,7 +212,8 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
         f"median of {steps} timed steps after 1 warm-up; `first step` includes compilation. "
         "Peak memory: resident-set high-water mark of the whole fit above its start (rough).",
         f"Forward: {fwd_model} classifier at {size}x{size}, batch {batch}, eval, no grad, median "
-        f"of {repeats}; GMACs per image {fwd['gmacs_per_image']:.2f} (attention products included).",
+        f"of {repeats} taken in turns with the other paths and the matmul; GMACs per image "
+        f"{fwd['gmacs_per_image']:.2f} (attention products included).",
         "Targets (issue 10) are ratios taken in this one run; they are reported, not asserted. "
         "A loaded machine shifts every figure: see the load average above.",
     ]
@@ -229,10 +245,20 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
             ["task", "head", "bf16 / fp32", "compiled / eager", "compile target"], ratio_rows
         ),
         "## Forward fast paths\n\n" + markdown_table(["path", "img/s", "GMAC/s"], fwd_rows),
-        f"## channels_last for CNN baselines ({cnn_name} forward, {cnn_size}x{cnn_size}, batch {batch})\n\n"
+        f"## channels_last for CNN baselines ({cnn_name}, {cnn_size}x{cnn_size}, batch {batch})\n\n"
+        "`backbone.memory_format=channels_last`, the default of the CNN baselines' configs.\n\n"
         + markdown_table(
-            ["memory format", "img/s", "vs contiguous"],
-            [(k, v, v / cnn["contiguous"]) for k, v in cnn.items()],
+            [
+                "memory format",
+                "forward img/s",
+                "vs contiguous",
+                "train step img/s",
+                "vs contiguous",
+            ],
+            [
+                (k, fwd_, fwd_ / cnn["contiguous"][0], step, step / cnn["contiguous"][1])
+                for k, (fwd_, step) in cnn.items()
+            ],
         ),
         "## Targets\n\n" + markdown_table(["ratio", "measured", "target", "verdict"], target_rows),
     )
