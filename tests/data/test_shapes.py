@@ -212,12 +212,18 @@ def test_older_generator_version_is_regenerated(
     manifest = json.loads((cached / shapes.MANIFEST).read_text())
     assert manifest["generator_version"] == shapes.GENERATOR_VERSION
     # No temporary or old folders are left behind.
-    assert sorted(p.name for p in cached.parent.iterdir() if p.is_dir()) == ["classification"]
+    assert [p.name for p in cached.parent.iterdir() if p.is_dir()] == [cached.name]
 
 
-def test_other_settings_regenerate(cached: Path) -> None:
-    ensure_shapes(cached.parent, "classification", **{**TINY, "val_images": 16})
-    assert len(list((cached / "val").rglob("*.jpg"))) == 16
+def test_other_settings_get_their_own_folder(cached: Path) -> None:
+    before = json.loads((cached / shapes.MANIFEST).read_text())
+    other = ensure_shapes(cached.parent, "classification", **{**TINY, "val_images": 16})
+    assert other != cached and other.parent == cached.parent
+    assert len(list((other / "val").rglob("*.jpg"))) == 16
+    # The first setting's files are untouched: a run still reading them is not disturbed.
+    assert json.loads((cached / shapes.MANIFEST).read_text()) == before
+    assert cache_problem(cached, "classification", _tiny("classification")) is None
+    assert ensure_shapes(cached.parent, "classification", **TINY) == cached
 
 
 def _ensure_and_count(root: str, counter: str) -> None:
@@ -245,7 +251,6 @@ def test_concurrent_processes_generate_once(tmp_path: Path) -> None:
         worker.join(60)
     assert [w.exitcode for w in workers] == [0, 0, 0]
     assert counter.read_text().count("generated") == 1
-    assert (
-        cache_problem(tmp_path / "root" / "segmentation", "segmentation", _tiny("segmentation"))
-        is None
-    )
+    settings = _tiny("segmentation")
+    folder = shapes.cache_folder(tmp_path / "root", "segmentation", settings)
+    assert cache_problem(folder, "segmentation", settings) is None

@@ -274,13 +274,11 @@ def _runnable(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def overfit_overrides(data_dir: Path, scenes: int, epochs: int) -> list[str]:
+def overfit_overrides(scenes: int, epochs: int) -> list[str]:
     """The shapes recipe trained on its first `scenes` training scenes, validated and tested on
     them, for `epochs` epochs at a constant lr after a 20-step warm-up, evaluated once at the end.
     Colours from the whole RGB cube (`polarity=any`), the scenes the thresholds were measured on."""
     return [
-        # A cache of its own: other generator settings than the default shapes folder.
-        f"data.root={data_dir / f'shapes_overfit{scenes}'}",
         f"data.generator.train_images={scenes}",
         "data.generator.val_images=8",
         "data.generator.polarity=any",
@@ -310,14 +308,14 @@ def overfit_overrides(data_dir: Path, scenes: int, epochs: int) -> list[str]:
     ],
 )
 def test_pvt_tiny_learns_shapes_detection(
-    make_config, data_dir: Path, head: str, threshold: float, mask_threshold: float | None
+    make_config, head: str, threshold: float, mask_threshold: float | None
 ) -> None:
     cfg = make_config(
         [
             "task=detection",
             f"head={head}",
             "backbone=pvt_tiny",
-            *overfit_overrides(data_dir, 32, 60),
+            *overfit_overrides(32, 60),
         ]
     )
     metrics = pipeline.train(_runnable(cfg))
@@ -331,9 +329,9 @@ def test_pvt_tiny_learns_shapes_detection(
 # 119-139); its AP on those scenes is still noise at this length (0.05 AP50 in one run, 0.00 at
 # twice the steps and lr in another), so the test bounds the loss and checks the evaluation runs.
 @pytest.mark.slow
-def test_pvt_tiny_detr_learns_a_few_shapes_scenes(make_config, data_dir: Path) -> None:
+def test_pvt_tiny_detr_learns_a_few_shapes_scenes(make_config) -> None:
     cfg = make_config(
-        ["task=detection", "head=detr", "backbone=pvt_tiny", *overfit_overrides(data_dir, 8, 150)]
+        ["task=detection", "head=detr", "backbone=pvt_tiny", *overfit_overrides(8, 150)]
     )
     metrics = pipeline.train(_runnable(cfg))
     assert metrics["train/loss"] <= 28.0, metrics

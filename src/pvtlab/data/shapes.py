@@ -1,25 +1,28 @@
 """`shapes`: an embedded data set of geometric-shape scenes, written once in real on-disk formats.
 
 One scene sampler serves every task. A scene is an image plus its labelled instances (class,
-visible mask, box); the writers turn scenes into
+visible mask, box); the writers turn scenes into a folder ``<kind>-<settings digest>`` (one folder
+per generator setting, so runs with different settings, such as the parallel jobs of an
+image-size sweep, never rewrite each other's files) holding
 
-- classification: ``classification/{train,val}/<class>/<id>.jpg`` (ImageNet's image-folder layout),
-  one labelled shape per image;
-- detection: ``detection/{train2017,val2017}/<id>.jpg`` and
-  ``detection/annotations/instances_{train,val}2017.json`` (COCO: boxes, polygons, areas);
-- segmentation: ``segmentation/images/{training,validation}/<id>.jpg`` and
-  ``segmentation/annotations/{training,validation}/<id>.png`` (ADE20K: 0 = other, 1..K = classes).
+- classification: ``{train,val}/<class>/<id>.jpg`` (ImageNet's image-folder layout), one labelled
+  shape per image;
+- detection: ``{train2017,val2017}/<id>.jpg`` and ``annotations/instances_{train,val}2017.json``
+  (COCO: boxes, polygons, areas);
+- segmentation: ``images/{training,validation}/<id>.jpg`` and
+  ``annotations/{training,validation}/<id>.png`` (ADE20K: 0 = other, 1..K = classes).
 
 Scenes are hard on purpose: textured shapes of random colour, size, rotation and aspect on textured
 backgrounds with clutter strokes and blobs, and occluders on top. Every image is a pure function of
 (seed, kind, split, index). A folder is (re)generated when its manifest is missing, lists a file
-that is missing or has another size, or was written by another generator version or settings; it
-is written to a temporary folder and renamed into place under a file lock, so concurrent processes
-(DDP ranks, parallel test workers) generate it once.
+that is missing or has another size, or was written by another generator version; it is written to
+a temporary folder and renamed into place under a file lock, so concurrent processes (DDP ranks,
+parallel test workers) generate it once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import logging
@@ -682,8 +685,16 @@ def cache_problem(folder: Path, kind: str, settings: ShapesSettings) -> str | No
     return None
 
 
+def cache_folder(root: str | os.PathLike[str], kind: str, settings: ShapesSettings) -> Path:
+    """``root/<kind>-<digest>``: the folder of one kind and generator setting (12 hex digits of
+    the SHA-256 of the settings)."""
+    text = json.dumps(_plain(settings), sort_keys=True)
+    return Path(root) / f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
 def ensure_shapes(root: str | os.PathLike[str], kind: str, **generator_settings: Any) -> Path:
-    """The folder of `kind` under `root`, generated first if missing, corrupt or out of date.
+    """The folder of `kind` and these settings under `root`, generated first if missing, corrupt
+    or out of date.
 
     Args:
         root: the shapes cache (``${paths.data_dir}/shapes``).
@@ -691,15 +702,15 @@ def ensure_shapes(root: str | os.PathLike[str], kind: str, **generator_settings:
         **generator_settings: fields of `ShapesSettings` overriding the defaults of `kind`.
 
     Returns:
-        ``root/<kind>`` in the on-disk format of that kind (see the module docstring).
+        `cache_folder` (``root/<kind>-<digest>``) in the on-disk format of that kind (see the
+        module docstring).
     """
     settings = make_settings(kind, **generator_settings)
-    root = Path(root)
-    folder = root / kind
+    folder = cache_folder(root, kind, settings)
     if cache_problem(folder, kind, settings) is None:
         return folder
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f".{kind}.lock")):
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder.parent / f".{folder.name}.lock")):
         # Another process may have written it while this one waited for the lock.
         problem = cache_problem(folder, kind, settings)
         if problem is None:
@@ -711,14 +722,14 @@ def ensure_shapes(root: str | os.PathLike[str], kind: str, **generator_settings:
 def _generate(folder: Path, kind: str, settings: ShapesSettings, reason: str) -> None:
     log.info("Generating shapes/%s in %s (%s)", kind, folder, reason)
     start = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{kind}.tmp-", dir=folder.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
         WRITERS[kind](tmp, settings)
         manifest = _manifest_for(tmp, kind, settings)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=0))
         old = None
         if folder.exists():
-            old = folder.parent / f".{kind}.old-{os.getpid()}-{time.time_ns()}"
+            old = folder.parent / f".{folder.name}.old-{os.getpid()}-{time.time_ns()}"
             folder.rename(old)
         tmp.rename(folder)
         if old is not None:
