@@ -94,12 +94,11 @@ def test_save_grid_writes_a_png_that_is_not_blank(tmp_path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["classification", "detection", "segmentation"])
 def test_a_run_draws_its_predictions_for_every_task(make_config, tmp_path, kind) -> None:
-    # A small shapes set of its own (the session's cache keeps the recipe's sizes).
+    # A small shapes set (a cache folder of its own settings beside the recipe's).
     cfg = make_config(
         [
             f"task={kind}",
             "trainer=debug",
-            f"paths.data_dir={tmp_path / 'data'}",
             "data.generator.train_images=16",
             "data.generator.val_images=8",
             "data.batch_size=4",

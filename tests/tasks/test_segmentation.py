@@ -248,7 +248,6 @@ FIT_SMALL_SPLIT = [
 )
 def test_heads_learn_shapes(
     make_config: Callable[..., DictConfig],
-    tmp_path: Path,
     head: str,
     lr: float,
     threshold: float,
@@ -261,7 +260,6 @@ def test_heads_learn_shapes(
             f"head={head}",
             *FIT_SMALL_SPLIT,
             f"task.optimizer.lr={lr}",
-            f"paths.data_dir={tmp_path / 'data'}",
         ]
     )
     with open_dict(cfg):
