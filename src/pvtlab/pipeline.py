@@ -144,6 +144,20 @@ def resolve_ckpt_path(value: str | None, cfg: DictConfig) -> str | None:
     return str(path)
 
 
+def _resolve_load_from(value: str | None, resuming: bool) -> str | None:
+    if value in (None, ""):
+        return None
+    if resuming:
+        raise ConfigError(
+            "ckpt_path and load_from are both set: ckpt_path resumes a run (weights, optimiser, "
+            "epoch), load_from starts a new one from a checkpoint's weights; choose one"
+        )
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(f"load_from={value}: no such file")
+    return str(path)
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint file without running pickled code, with a clear error if it is not one."""
     try:
@@ -183,6 +197,42 @@ def load_task(cfg: DictConfig, ckpt_path: str | Path) -> TaskModule:
     return task
 
 
+def initialise_from(task: TaskModule, path: str | Path) -> list[str]:
+    """Copy the weights of a pvtlab checkpoint into `task`, tensor by tensor (mmdetection's
+    `load_from`): a fine-tuning start, with the optimiser, schedule and epochs of the new run.
+
+    Tensors the checkpoint lacks or holds in another shape (a head for other classes) keep their
+    fresh initialisation; their names are returned and logged. A checkpoint sharing no tensor with
+    the model is a ConfigError.
+    """
+    checkpoint = read_checkpoint(path)
+    if "state_dict" not in checkpoint:
+        raise ConfigError(
+            f"load_from={path} has no 'state_dict': not a pvtlab training checkpoint. Released or "
+            f"exported backbone weights go to backbone.pretrained={path} instead."
+        )
+    saved = checkpoint["state_dict"]
+    own = task.state_dict()
+    fitting = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
+    if not fitting:
+        raise ConfigError(
+            f"load_from={path}: no tensor fits task={task.__class__.__name__} with this backbone "
+            f"and head (checkpoint keys {list(saved)[:5]}, model keys {list(own)[:5]})"
+        )
+    task.load_state_dict(fitting, strict=False)
+    kept = sorted(set(own) - set(fitting))
+    log.info("load_from=%s: %d of %d tensors loaded", path, len(fitting), len(own))
+    if kept:
+        log.warning(
+            "load_from=%s: %d tensors keep their fresh values (absent or another shape): %s%s",
+            path,
+            len(kept),
+            ", ".join(kept[:10]),
+            " ..." if len(kept) > 10 else "",
+        )
+    return kept
+
+
 def _prepare(cfg: DictConfig) -> Path:
     """Checks that need no data, then the config tree printed and saved with the run."""
     check_compatible(cfg)
@@ -202,8 +252,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = _prepare(cfg)
     # Before any data is read: a wrong ckpt_path fails at once.
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg) if cfg.get("train", True) else None
+    load_from = _resolve_load_from(cfg.get("load_from"), resuming=bool(ckpt_path))
     datamodule = instantiate(cfg.data)
     task = build_task(cfg)
+    if load_from:
+        initialise_from(task, load_from)
     if cfg.get("compile"):
         task.compile_model()
     trainer = build_trainer(cfg, resume_from=ckpt_path)
