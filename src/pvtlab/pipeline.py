@@ -173,14 +173,21 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def load_task(cfg: DictConfig, ckpt_path: str | Path) -> TaskModule:
-    """A task rebuilt from a pvtlab checkpoint: its saved network description, then its weights."""
-    checkpoint = read_checkpoint(ckpt_path)
+def read_training_checkpoint(path: str | Path, option: str = "") -> dict[str, Any]:
+    """A checkpoint written by a pvtlab run (it holds a `state_dict`); `option` names the setting
+    that pointed at it in the error."""
+    checkpoint = read_checkpoint(path)
     if "state_dict" not in checkpoint:
         raise ConfigError(
-            f"{ckpt_path} has no 'state_dict': not a pvtlab training checkpoint. Released or exported "
-            f"backbone weights go to backbone.pretrained={ckpt_path} instead."
+            f"{option}{path} has no 'state_dict': not a pvtlab training checkpoint. Released or "
+            f"exported backbone weights go to backbone.pretrained={path} instead."
         )
+    return checkpoint
+
+
+def load_task(cfg: DictConfig, ckpt_path: str | Path) -> TaskModule:
+    """A task rebuilt from a pvtlab checkpoint: its saved network description, then its weights."""
+    checkpoint = read_training_checkpoint(ckpt_path)
     description = checkpoint.get("hyper_parameters", {}).get("model_config")
     if description is None:
         log.warning(
@@ -205,13 +212,7 @@ def initialise_from(task: TaskModule, path: str | Path) -> list[str]:
     fresh initialisation; their names are returned and logged. A checkpoint sharing no tensor with
     the model is a ConfigError.
     """
-    checkpoint = read_checkpoint(path)
-    if "state_dict" not in checkpoint:
-        raise ConfigError(
-            f"load_from={path} has no 'state_dict': not a pvtlab training checkpoint. Released or "
-            f"exported backbone weights go to backbone.pretrained={path} instead."
-        )
-    saved = checkpoint["state_dict"]
+    saved = read_training_checkpoint(path, option="load_from=")["state_dict"]
     own = task.state_dict()
     fitting = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
     if not fitting:
