@@ -42,7 +42,8 @@ def test_training_quick_covers_every_head_and_path(tmp_path: Path) -> None:
     assert text.count("| bf16 autocast |") == len(HEADS)  # bf16 autocast on CPU, every task
     assert "| fp32 compiled |" in text  # compile=true through the pipeline
     assert "failed" not in text
-    for heading in ("Training-step ratios", "Forward fast paths", "channels_last", "## Targets"):
+    headings = ("Training-step ratios", "Forward fast paths", "Optimizer step", "channels_last")
+    for heading in (*headings, "## Targets"):
         assert heading in text
     assert "compiled vs reference-attention eager (forward)" in text
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
+from pvtlab.tasks.base import TaskModule
 from pvtlab.tasks.optim import ScheduleSpec, build_optimizer, lr_factor_fn, param_groups
 
 
@@ -101,3 +104,54 @@ def test_adamw_carries_group_settings() -> None:
     assert isinstance(optimizer, torch.optim.AdamW)
     assert {g["weight_decay"] for g in optimizer.param_groups} == {0.0, 0.05}
     assert optimizer.defaults["betas"] == (0.9, 0.95)
+
+
+def _stepped(fused: bool, steps: int = 3) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = Tiny()
+    optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.05, fused=fused)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model.head(
+            model.norm(model.backbone(torch.randn(8, 3, 4)) + model.pos_embed)
+        ).sum().backward()
+        optimizer.step()
+    return optimizer, [p.detach().clone() for p in model.parameters()]
+
+
+def test_fused_update_is_the_multi_tensor_update() -> None:
+    fused, fused_params = _stepped(fused=True)
+    foreach, foreach_params = _stepped(fused=False)
+    assert fused.defaults["fused"] is True and foreach.defaults["foreach"] is True
+    for a, b in zip(fused_params, foreach_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+class _Regression(TaskModule):
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.model.head(self.model.backbone(x)), y)
+
+
+@pytest.mark.parametrize(
+    ("precision", "clip", "fused"),
+    [("bf16-mixed", 0.1, False), ("bf16-mixed", None, True), ("32-true", 0.1, True)],
+)
+def test_gradient_clipping_under_mixed_precision_uses_the_multi_tensor_path(
+    precision: str, clip: float | None, fused: bool
+) -> None:
+    # Lightning raises on clipping a fused optimizer under mixed precision (DETR's bf16 recipe).
+    data = TensorDataset(torch.randn(16, 4), torch.randn(16, 2))
+    module = _Regression(Tiny(), optimizer={"lr": 1e-3}, scheduler={"name": "constant"})
+    trainer = L.Trainer(
+        max_steps=2,
+        precision=precision,
+        gradient_clip_val=clip,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, DataLoader(data, batch_size=8))
+    assert trainer.global_step == 2
+    assert bool(trainer.optimizers[0].defaults.get("fused")) is fused

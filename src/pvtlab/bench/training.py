@@ -89,7 +89,7 @@ def cnn_memory_formats(
         models[label] = create_backbone(name, features_only=False, channels_last=channels_last)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         inputs[label] = x.contiguous(memory_format=fmt)
-        optimizers[label] = torch.optim.AdamW(models[label].parameters(), lr=1e-4)
+        optimizers[label] = torch.optim.AdamW(models[label].parameters(), lr=1e-4, fused=True)
 
     def forward(label: str) -> Any:
         return models[label](inputs[label])
@@ -109,6 +109,34 @@ def cnn_memory_formats(
     return {k: (batch / fwd[k], batch / step[k]) for k in models}
 
 
+# AdamW implementations: torch's CPU default (a Python loop over parameters), multi-tensor, and
+# the one-kernel update that pvtlab's optimizers use (`task.optimizer.fused`).
+OPTIMIZER_PATHS = {
+    "per-parameter loop (torch's CPU default)": {"foreach": False, "fused": False},
+    "multi-tensor (foreach)": {"foreach": True},
+    "fused (pvtlab's default)": {"fused": True},
+}
+
+
+def optimizer_step_paths(name: str, repeats: int) -> dict[str, float]:
+    """Seconds of one AdamW step over the parameters of classifier `name` (gradients set), per
+    implementation in OPTIMIZER_PATHS, timed in turns."""
+    from pvtlab.models import create_backbone
+
+    torch.manual_seed(0)
+    model = create_backbone(name, features_only=False)
+    grads = [torch.randn_like(p) for p in model.parameters()]
+
+    def adamw(settings: dict[str, bool]) -> torch.optim.Optimizer:
+        params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+        for param, grad in zip(params, grads, strict=True):
+            param.grad = grad
+        return torch.optim.AdamW(params, lr=1e-4, **settings)
+
+    optimizers = {label: adamw(settings) for label, settings in OPTIMIZER_PATHS.items()}
+    return time_interleaved({k: o.step for k, o in optimizers.items()}, repeats=repeats)
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 
@@ -124,8 +152,8 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
     rows, ratio_rows, results = [], [], {}
     for task, head in HEADS:
         variants = [("fp32", False, "32-true"), ("bf16 autocast", False, "bf16-mixed")]
-        # Compiled: what `compile=true` compiles (the whole classifier; the backbone under a
-        # dense head, whose torchvision parts have data-dependent shapes). About a minute of
+        # Compiled: what `compile=true` compiles (`static_shape_parts`: the whole classifier or
+        # segmenter, a detector's backbone, FPN and dense branches). A minute or more of
         # compilation per head on 2 cores, so quick runs (the tests) compile the classifier only.
         if not quick or task == "classification":
             variants.append(("fp32 compiled", True, "32-true"))
@@ -187,6 +215,8 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
     matmul = fwd.pop(MATMUL)
     cnn_name, cnn_size = ("resnet18", 64) if quick else ("resnet50", 224)
     cnn = cnn_memory_formats(cnn_name, cnn_size, batch, repeats)
+    optimizer_s = optimizer_step_paths(backbone, repeats=3 if quick else 10)
+    loop_s = optimizer_s[next(iter(OPTIMIZER_PATHS))]
     paths = [k for k in fwd if k != "gmacs_per_image"]
     fwd_rows = [(k, fwd[k], fwd[k] * fwd["gmacs_per_image"]) for k in paths]
     fwd_rows.append((f"fp32 matmul {mm}x{mm}x{mm}", None, matmul))
@@ -245,6 +275,11 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
             ["task", "head", "bf16 / fp32", "compiled / eager", "compile target"], ratio_rows
         ),
         "## Forward fast paths\n\n" + markdown_table(["path", "img/s", "GMAC/s"], fwd_rows),
+        f"## Optimizer step (AdamW over {backbone}'s parameters, median of steps taken in turns)\n\n"
+        + markdown_table(
+            ["implementation", "step ms", "speed-up vs loop"],
+            [(k, 1000 * v, loop_s / v) for k, v in optimizer_s.items()],
+        ),
         f"## channels_last for CNN baselines ({cnn_name}, {cnn_size}x{cnn_size}, batch {batch})\n\n"
         "`backbone.memory_format=channels_last`, the default of the CNN baselines' configs.\n\n"
         + markdown_table(

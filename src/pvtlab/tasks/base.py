@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 from torch import nn
 
+from pvtlab.models.heads import static_shape_parts
 from pvtlab.tasks.optim import ScheduleSpec, build_optimizer, build_scheduler
 
 
@@ -35,7 +36,12 @@ class TaskModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model"])
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = build_optimizer(self.model, **dict(self.hparams.optimizer or {}))
+        arguments = dict(self.hparams.optimizer or {})
+        if self._clips_under_mixed_precision():
+            # Lightning refuses to clip gradients for an optimizer that unscales them itself
+            # (a fused one) under mixed precision; the multi-tensor path clips as usual.
+            arguments["fused"] = False
+        optimizer = build_optimizer(self.model, **arguments)
         spec = ScheduleSpec(**_tuples(self.hparams.scheduler or {}))
         total_steps = int(self.trainer.estimated_stepping_batches)
         max_epochs = self.trainer.max_epochs if self.trainer.max_epochs not in (None, -1) else None
@@ -46,14 +52,16 @@ class TaskModule(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
         }
 
-    def compile_model(self, **kwargs: Any) -> None:
-        """Compile the backbone's forward in place (parameter names, hence checkpoints, unchanged).
+    def _clips_under_mixed_precision(self) -> bool:
+        trainer = self.trainer
+        return bool(trainer.gradient_clip_val) and str(trainer.precision).endswith("-mixed")
 
-        The backbone is where the time goes; the detection heads' target assignment, NMS and
-        data-dependent shapes recompile on every batch, so they stay eager. A classifier is all
-        backbone and is compiled whole.
-        """
-        backbone_of(self.model).compile(**kwargs)
+    def compile_model(self, **kwargs: Any) -> None:
+        """`torch.compile` the network's static-shape parts in place (`static_shape_parts`:
+        the whole classifier or segmenter; a detector's backbone, FPN and dense branches).
+        Parameter names, hence checkpoints, are unchanged."""
+        for part in static_shape_parts(self.model):
+            part.compile(**kwargs)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())

@@ -69,12 +69,20 @@ def build_optimizer(
     momentum: float = 0.9,
     lr_mults: Mapping[str, float] | None = None,
     no_weight_decay: Iterable[str] = (),
+    fused: bool = True,
 ) -> torch.optim.Optimizer:
+    """AdamW or SGD over `param_groups(model, ...)`.
+
+    `fused`: one kernel updates every parameter (CPU and GPU). Off, the multi-tensor (foreach)
+    path is used; torch's own CPU default is a Python loop over parameters, for PVT-Tiny 8x slower
+    than the fused step (experiments/benchmarks/training.md).
+    """
     groups = param_groups(model, lr, weight_decay, lr_mults, no_weight_decay)
+    implementation = {"fused": True} if fused else {"foreach": True}
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **implementation)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, **implementation)
     raise ValueError(f"optimizer.name={name!r} is not supported; choose one of: adamw, sgd")
 
 
