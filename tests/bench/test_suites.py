@@ -41,8 +41,20 @@ def test_training_quick_covers_every_head_and_path(tmp_path: Path) -> None:
         assert f"| {task} | {head} | pvt_tiny |" in text
     assert text.count("| bf16 autocast |") == len(HEADS)  # bf16 autocast on CPU, every task
     assert "| fp32 compiled |" in text  # compile=true through the pipeline
+    assert "| fp32, glibc default malloc |" in text  # against src/train.py's allocator setting
+    ratios = text.split("## Training-step ratios")[1].split("##")[0]
+    for task, head in HEADS:  # every eager step profiled: a library share in (0, 1], a ceiling
+        (row,) = [line for line in ratios.splitlines() if line.startswith(f"| {task} | {head} |")]
+        share, ceiling = (float(cell) for cell in row.split("|")[3:5])
+        assert 0 < share <= 1 and ceiling == pytest.approx(1 / share, rel=0.01)
     assert "failed" not in text
-    headings = ("Training-step ratios", "Forward fast paths", "Optimizer step", "channels_last")
+    headings = (
+        "Training-step ratios",
+        "Forward fast paths",
+        "Optimizer step",
+        "Host allocator",
+        "channels_last",
+    )
     for heading in (*headings, "## Targets"):
         assert heading in text
     assert "compiled vs reference-attention eager (forward)" in text

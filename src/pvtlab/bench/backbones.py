@@ -9,7 +9,8 @@ classifiers; 800 x 1333 at batch 1 runs the ``features_only`` backbones (detecti
 Peak memory: see :class:`pvtlab.bench.PeakMemory`; in the full run every configuration is
 measured in its own process with glibc's mmap threshold fixed at 128 KiB, so freed tensors leave
 the resident set and its high-water mark is the peak the pass needs above the model and inputs;
-its timings come from a second process with the default allocator.
+its timings come from a second process with the allocator setting of `src/train.py`
+(:func:`pvtlab.utils.allocator.reuse_freed_memory`).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from typing import Any
 import torch
 
 from pvtlab.bench import PeakMemory, markdown_table, report_header, time_interleaved, write_report
+from pvtlab.utils.allocator import reuse_freed_memory
 
-__all__ = ["Config", "measure", "run"]
+__all__ = ["Config", "measure", "run", "time_in_fresh_process"]
 
 PVT = ("pvt_tiny", "pvt_small", "pvt_medium", "pvt_large")
 BASELINES = ("resnet50", "vit_small_32")
@@ -131,18 +133,23 @@ def _measure_in_subprocess(cfg: Config) -> list[dict[str, Any]]:
     """Memory and timings of `cfg`, each measured in a fresh process of its own.
 
     The memory process fixes glibc's mmap threshold at 128 KiB so freed tensors leave the
-    resident set (see :class:`pvtlab.bench.PeakMemory`); the timing process keeps the default
-    allocator, as training does: with the threshold fixed every large tensor is a fresh mmap
-    whose pages fault in on each pass, which slows the many mid-sized buffers of the fused path
-    more than the few huge ones of the reference.
+    resident set (see :class:`pvtlab.bench.PeakMemory`); the timing process keeps freed memory
+    for reuse, as training does: with the threshold fixed every large tensor is a fresh mmap
+    whose pages fault in on each pass.
     """
     memory = _run_worker(cfg, memory=True, env={"MALLOC_MMAP_THRESHOLD_": "131072"})
-    timing = _run_worker(cfg, timing=True, env={})
+    timing = time_in_fresh_process(cfg)
     return [{**m, **t} for m, t in zip(memory, timing, strict=True)]
 
 
+def time_in_fresh_process(cfg: Config, reuse_freed_memory: bool = True) -> list[dict[str, Any]]:
+    """Timings of `cfg` (`measure(cfg, memory=False)`) in a new interpreter, with the host
+    allocator as `src/train.py` sets it (`reuse_freed_memory`) or as glibc has it."""
+    return _run_worker(cfg, timing=True, reuse=reuse_freed_memory, env={})
+
+
 def _run_worker(cfg: Config, env: dict[str, str], **what: bool) -> list[dict[str, Any]]:
-    request = {"config": asdict(cfg), "memory": False, "timing": False, **what}
+    request = {"config": asdict(cfg), "memory": False, "timing": False, "reuse": False, **what}
     proc = subprocess.run(
         [sys.executable, "-m", "pvtlab.bench.backbones", json.dumps(request)],
         env={**os.environ, **env},
@@ -328,6 +335,8 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
 def _worker(argv: list[str]) -> None:
     request = json.loads(argv[0])
     cfg = Config(**request["config"])
+    if request["reuse"]:
+        reuse_freed_memory()
     print(json.dumps(measure(cfg, memory=request["memory"], timing=request["timing"])))
 
 

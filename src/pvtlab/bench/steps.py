@@ -1,13 +1,22 @@
 """Training steps measured through the real pipeline: a composed run config, its DataModule and
-task, fitted by a Lightning Trainer for a few steps while a callback times each batch."""
+task, fitted by a Lightning Trainer for a few steps while a callback times each batch.
+
+`measure_training_step_in_fresh_process` runs that in a fresh interpreter (``python -m
+pvtlab.bench.steps``), with the host allocator as `src/train.py` sets it or as glibc has it:
+each measurement then starts from nothing, so its peak memory is its own.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +29,14 @@ from omegaconf import DictConfig, open_dict
 
 from pvtlab.bench import PeakMemory
 
-__all__ = ["HEADS", "StepResult", "StepTimer", "compose_run", "measure_training_step"]
+__all__ = [
+    "HEADS",
+    "StepResult",
+    "StepTimer",
+    "compose_run",
+    "measure_training_step",
+    "measure_training_step_in_fresh_process",
+]
 
 CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 # Every task and head, as (task, head).
@@ -67,6 +83,45 @@ class StepTimer(L.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
+# Operators that run a library kernel (oneDNN / MKL / BLAS matrix products and convolutions,
+# the fused attention): compiling the graph around them leaves their time as it is.
+LIBRARY_OPS = frozenset(
+    f"aten::{name}"
+    for name in (
+        "mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul_out", "mkldnn_convolution",
+        "convolution_backward", "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention_for_cpu_backward", "_mkl_linear",
+    )
+) | {"mkldnn::_convolution_pointwise", "mkl::_mkl_linear"}  # fmt: skip
+
+
+class StepProfiler(L.Callback):
+    """The share of one training batch's CPU time spent in `LIBRARY_OPS` (`library_share`):
+    what `torch.compile` cannot speed up, so the step can get at most 1 / share times faster."""
+
+    def __init__(self, batch_index: int) -> None:
+        self.batch_index = batch_index
+        self.library_share: float | None = None
+        self._profile: Any = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.batch_index:
+            from torch.profiler import ProfilerActivity, profile
+
+            self._profile = profile(activities=[ProfilerActivity.CPU])
+            self._profile.__enter__()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        if self._profile is None:
+            return
+        self._profile.__exit__(None, None, None)
+        events = self._profile.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        library = sum(e.self_cpu_time_total for e in events if e.key in LIBRARY_OPS)
+        self.library_share = library / total if total else None
+        self._profile = None
+
+
 @dataclass
 class StepResult:
     batch: int
@@ -74,6 +129,7 @@ class StepResult:
     step_s: float
     first_step_s: float  # includes compilation when compiled
     peak_mib: float | None
+    library_share: float | None = None  # see StepProfiler; measured when asked for
 
 
 def measure_training_step(
@@ -87,8 +143,10 @@ def measure_training_step(
     compile: bool = False,
     precision: str = "32-true",
     extra: Sequence[str] = (),
+    profile: bool = False,
 ) -> StepResult:
-    """Fit `steps + warmup` training batches of the shapes recipe; time the last `steps`."""
+    """Fit `steps + warmup` training batches of the shapes recipe; time the last `steps`.
+    `profile`: one more batch, profiled, for `StepResult.library_share`."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose_run(
             [
@@ -101,7 +159,7 @@ def measure_training_step(
                 f"paths.data_dir={data_dir}",
                 f"paths.log_dir={tmp}",
                 f"trainer.precision={precision}",
-                f"trainer.max_steps={steps + warmup}",
+                f"trainer.max_steps={steps + warmup + int(profile)}",
                 "trainer.max_epochs=-1",
                 "+trainer.limit_val_batches=0",
                 "trainer.num_sanity_val_steps=0",
@@ -121,10 +179,45 @@ def measure_training_step(
         if compile:
             module.compile_model()
         timer = StepTimer()
-        trainer = instantiate(cfg.trainer, callbacks=[timer], logger=False)
+        profiler = StepProfiler(batch_index=steps + warmup if profile else -1)
+        trainer = instantiate(cfg.trainer, callbacks=[timer, profiler], logger=False)
         with PeakMemory("cpu") as peak:
             trainer.fit(module, datamodule=datamodule)
         batch = int(cfg.data.batch_size)
-    timed = timer.times[warmup:] or timer.times
+    timed = timer.times[warmup : warmup + steps] or timer.times
     step = statistics.median(timed)
-    return StepResult(batch, batch / step, step, timer.times[0], peak.mib)
+    return StepResult(batch, batch / step, step, timer.times[0], peak.mib, profiler.library_share)
+
+
+def measure_training_step_in_fresh_process(
+    *args: Any, reuse_freed_memory: bool = True, **kwargs: Any
+) -> StepResult:
+    """`measure_training_step(*args, **kwargs)` in a fresh interpreter; `reuse_freed_memory`:
+    the allocator setting of `src/train.py` (True) or glibc's default (False)."""
+    request = {"args": [str(a) for a in args], "kwargs": kwargs, "reuse": reuse_freed_memory}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pvtlab.bench.steps", json.dumps(request)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"training-step worker failed for {request}:\n{proc.stderr[-4000:]}")
+    return StepResult(**json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def _worker(argv: list[str]) -> None:
+    request = json.loads(argv[0])
+    if request["reuse"]:
+        from pvtlab.utils.allocator import reuse_freed_memory
+
+        reuse_freed_memory()
+    task, head, backbone, data_dir = request["args"]
+    result = measure_training_step(task, head, backbone, Path(data_dir), **request["kwargs"])
+    print(json.dumps(asdict(result)))
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1:])

@@ -6,7 +6,9 @@ measured against the issue's targets as ratios (never asserted).
 
 Training steps run through the real pipeline (`pvtlab.bench.steps`): the shapes recipe of the
 task (its sizes and batch), a Lightning Trainer fitting a few batches, each timed from batch start
-to batch end (forward, loss, backward, optimizer step); the median after a warm-up step.
+to batch end (forward, loss, backward, optimizer step); the median after a warm-up step. Each
+runs in a fresh process with the host allocator of `src/train.py`; some eager fp32 steps also
+with glibc's default malloc, which gives large freed blocks back to the system every step.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Any
 import torch
 
 from pvtlab.bench import markdown_table, report_header, time_interleaved, write_report
-from pvtlab.bench.steps import HEADS, QUICK_DATA, measure_training_step
+from pvtlab.bench.backbones import Config, time_in_fresh_process
+from pvtlab.bench.steps import HEADS, QUICK_DATA, measure_training_step_in_fresh_process
 
 __all__ = ["forward_fast_paths", "run"]
 
@@ -27,6 +30,9 @@ TARGET_COMPILE_FWD = 1.4  # compiled vs reference-attention eager forward
 TARGET_BF16_FWD = 2.0  # bf16 autocast vs fp32 forward
 TARGET_MATMUL_SHARE = 0.75  # compiled fp32 GMAC rate vs a large fp32 matmul's
 TARGET_COMPILE_STEP = 1.3  # compiled vs eager training step
+# Heads whose eager fp32 step is also timed with glibc's default malloc.
+DEFAULT_MALLOC_HEADS = ("linear", "retinanet", "semantic_fpn")
+DEFAULT_MALLOC = "fp32, glibc default malloc"
 
 
 MATMUL = "fp32 matmul"
@@ -137,6 +143,19 @@ def optimizer_step_paths(name: str, repeats: int) -> dict[str, float]:
     return time_interleaved({k: o.step for k, o in optimizers.items()}, repeats=repeats)
 
 
+ALLOCATORS = {"glibc default malloc": False, "reuse_freed_memory (src/train.py)": True}
+
+
+def allocator_paths(cfg: Config) -> dict[str, tuple[float, float]]:
+    """Forward and forward + backward images/s of `cfg`'s model (fused attention), each host
+    allocator setting in a fresh process of its own (the setting lasts for the process)."""
+    out = {}
+    for label, reuse in ALLOCATORS.items():
+        fused = time_in_fresh_process(cfg, reuse_freed_memory=reuse)[0]
+        out[label] = (fused["fwd_img_s"], fused["fwdbwd_img_s"])
+    return out
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 
@@ -152,6 +171,8 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
     rows, ratio_rows, results = [], [], {}
     for task, head in HEADS:
         variants = [("fp32", False, "32-true"), ("bf16 autocast", False, "bf16-mixed")]
+        if head in DEFAULT_MALLOC_HEADS and (not quick or task == "classification"):
+            variants.append((DEFAULT_MALLOC, False, "32-true"))
         # Compiled: what `compile=true` compiles (`static_shape_parts`: the whole classifier or
         # segmenter, a detector's backbone, FPN and dense branches). A minute or more of
         # compilation per head on 2 cores, so quick runs (the tests) compile the classifier only.
@@ -159,9 +180,10 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
             variants.append(("fp32 compiled", True, "32-true"))
         for label, compiled, precision in variants:
             try:
-                r = measure_training_step(
+                r = measure_training_step_in_fresh_process(
                     task, head, backbone, data_dir, steps=steps, compile=compiled,
-                    precision=precision, extra=extra,
+                    precision=precision, extra=list(extra),
+                    reuse_freed_memory=label != DEFAULT_MALLOC, profile=label == "fp32",
                 )  # fmt: skip
             except Exception as error:  # a path that fails is a finding, not the end of the run
                 results[(head, label)] = None
@@ -196,10 +218,15 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
         eager = results.get((head, "fp32"))
         bf16 = results.get((head, "bf16 autocast"))
         comp = results.get((head, "fp32 compiled"))
+        malloc = results.get((head, DEFAULT_MALLOC))
+        share = eager and eager.library_share
         ratio_rows.append(
             (
                 task,
                 head,
+                share,
+                None if not share else 1 / share,
+                _ratio(eager and eager.images_per_s, malloc and malloc.images_per_s),
                 _ratio(bf16 and bf16.images_per_s, eager and eager.images_per_s),
                 _ratio(comp and comp.images_per_s, eager and eager.images_per_s),
                 TARGET_COMPILE_STEP,
@@ -213,6 +240,8 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
     # quick: the compiled training step above already shows that compilation works
     fwd = forward_fast_paths(fwd_model, size, batch, repeats, compile=not quick, matmul=mm)
     matmul = fwd.pop(MATMUL)
+    allocator = allocator_paths(Config(fwd_model, size, size, batch, False, repeats, 1))
+    base_f, base_fb = allocator[next(iter(ALLOCATORS))]  # glibc's default
     cnn_name, cnn_size = ("resnet18", 64) if quick else ("resnet50", 224)
     cnn = cnn_memory_formats(cnn_name, cnn_size, batch, repeats)
     optimizer_s = optimizer_step_paths(backbone, repeats=3 if quick else 10)
@@ -230,7 +259,7 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
     ]  # fmt: skip
     target_rows += [
         (f"training step compiled vs eager: {task}/{head}", comp_ratio, TARGET_COMPILE_STEP)
-        for task, head, _, comp_ratio, _ in ratio_rows
+        for task, head, _, _, _, _, comp_ratio, _ in ratio_rows
     ]
     target_rows = [
         (*r, None if r[1] is None else ("met" if r[1] >= r[2] else "missed")) for r in target_rows
@@ -240,7 +269,9 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
     notes = [
         f"Training steps: {backbone}, the shapes recipe of each task (64x64 images, its batch), "
         f"median of {steps} timed steps after 1 warm-up; `first step` includes compilation. "
-        "Peak memory: resident-set high-water mark of the whole fit above its start (rough).",
+        "Each step in a fresh process with `src/train.py`'s allocator setting "
+        "(`reuse_freed_memory`) unless its path says otherwise. Peak memory: the process's "
+        "resident-set high-water mark during the fit above its size at the start of the fit.",
         f"Forward: {fwd_model} classifier at {size}x{size}, batch {batch}, eval, no grad, median "
         f"of {repeats} taken in turns with the other paths and the matmul; GMACs per image "
         f"{fwd['gmacs_per_image']:.2f} (attention products included).",
@@ -271,14 +302,41 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
             rows,
         ),
         "## Training-step ratios (> 1: faster than eager fp32)\n\n"
+        "Library-kernel share: the part of one profiled eager fp32 step's CPU time spent in "
+        "oneDNN / MKL matrix products and convolutions and the fused attention "
+        "(`pvtlab.bench.steps.LIBRARY_OPS`). torch.compile fuses what lies around those "
+        "kernels, not the kernels, so the compile ceiling 1 / share is the most it could gain "
+        "even if everything else took no time.\n\n"
         + markdown_table(
-            ["task", "head", "bf16 / fp32", "compiled / eager", "compile target"], ratio_rows
+            [
+                "task",
+                "head",
+                "library-kernel share (eager fp32)",
+                "compile ceiling",
+                "reused memory / default malloc",
+                "bf16 / fp32",
+                "compiled / eager",
+                "compile target",
+            ],
+            ratio_rows,
         ),
         "## Forward fast paths\n\n" + markdown_table(["path", "img/s", "GMAC/s"], fwd_rows),
         f"## Optimizer step (AdamW over {backbone}'s parameters, median of steps taken in turns)\n\n"
         + markdown_table(
             ["implementation", "step ms", "speed-up vs loop"],
             [(k, 1000 * v, loop_s / v) for k, v in optimizer_s.items()],
+        ),
+        f"## Host allocator ({fwd_model}, {size}x{size}, batch {batch}, fused attention, fp32, "
+        "a fresh process each)\n\n"
+        "glibc hands every block above its mmap threshold (32 MiB at most) back to the system "
+        "when freed, so the next pass faults its pages in again; `reuse_freed_memory` keeps "
+        "them (`pvtlab.utils.allocator`).\n\n"
+        + markdown_table(
+            ["allocator", "forward img/s", "vs default", "forward + backward img/s", "vs default"],
+            [
+                (k, f, _ratio(f, base_f), fb, _ratio(fb, base_fb))
+                for k, (f, fb) in allocator.items()
+            ],
         ),
         f"## channels_last for CNN baselines ({cnn_name}, {cnn_size}x{cnn_size}, batch {batch})\n\n"
         "`backbone.memory_format=channels_last`, the default of the CNN baselines' configs.\n\n"
