@@ -306,8 +306,8 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
             else f"Timed runs per figure: forward {plan[0].repeats_fwd} (median) after "
             f"{plan[0].warmup_fwd} untimed, forward+backward {plan[0].repeats_bwd}; start-up "
             "excluded by a small run before. Each model and size is measured in two fresh "
-            "processes: one for memory (fused first), one for timings (glibc's default "
-            "allocator, fused and reference alternating)."
+            "processes: one for memory (fused first), one for timings (freed memory reused, as "
+            "`src/train.py` runs; fused and reference alternating)."
         ),
         "Peak memory: MiB the pass adds above the model and inputs "
         + (
