@@ -46,6 +46,9 @@ class Config:
     repeats_fwd: int = 3  # timed forward runs per attention path (the median is reported)
     repeats_bwd: int = 1
     warmup_fwd: int = 1  # untimed forward runs per path before timing
+    # Untimed forward + backward runs per path before timing: a process that keeps freed memory
+    # pays its page faults in the first pass only, which would fall on whichever path goes first.
+    warmup_bwd: int = 1
 
     @property
     def variants(self) -> tuple[bool, ...]:
@@ -69,7 +72,8 @@ def measure(cfg: Config, *, memory: bool = True, timing: bool = True) -> list[di
     Memory is measured path by path, fused first (so whatever the allocator kept from it could
     only flatter the reference), one run each. Timings alternate between the paths, so a machine
     whose load drifts during the run slows both alike; the first timed forward of each path is
-    preceded by `cfg.warmup_fwd` untimed ones unless the memory runs came first.
+    preceded by `cfg.warmup_fwd` (`cfg.warmup_bwd`) untimed ones unless the memory runs came
+    first.
     """
     from pvtlab.models import create_backbone
 
@@ -99,7 +103,7 @@ def measure(cfg: Config, *, memory: bool = True, timing: bool = True) -> list[di
     results = {fused: {"fused": fused} for fused in cfg.variants}
     for mode, fn, repeats, warmup in (
         ("fwd", forward, cfg.repeats_fwd, cfg.warmup_fwd),
-        ("fwdbwd", forward_backward, cfg.repeats_bwd, 0),
+        ("fwdbwd", forward_backward, cfg.repeats_bwd, cfg.warmup_bwd),
     ):
         model.train(mode == "fwdbwd")
         with torch.no_grad():  # runtime start-up (thread pools, kernels) before measuring
@@ -304,7 +308,8 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
             "Quick run: tiny sizes, one repeat, one thread, all in one process (memory figures rough)."
             if quick
             else f"Timed runs per figure: forward {plan[0].repeats_fwd} (median) after "
-            f"{plan[0].warmup_fwd} untimed, forward+backward {plan[0].repeats_bwd}; start-up "
+            f"{plan[0].warmup_fwd} untimed, forward+backward {plan[0].repeats_bwd} after "
+            f"{plan[0].warmup_bwd} untimed; start-up "
             "excluded by a small run before. Each model and size is measured in two fresh "
             "processes: one for memory (fused first), one for timings (freed memory reused, as "
             "`src/train.py` runs; fused and reference alternating)."
