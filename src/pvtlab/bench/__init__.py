@@ -4,10 +4,12 @@ and markdown reports that say on what machine, with which versions and command t
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -22,6 +24,7 @@ __all__ = [
     "mark_start",
     "markdown_table",
     "report_header",
+    "run_worker",
     "synchronize",
     "time_call",
     "time_interleaved",
@@ -75,6 +78,21 @@ def time_interleaved(
         for key, fn in fns.items():
             times[key].append(time_call(fn, warmup=0, repeats=1, device=device))
     return {key: statistics.median(values) for key, values in times.items()}
+
+
+def run_worker(module: str, request: Mapping[str, Any], env: Mapping[str, str]) -> Any:
+    """Run ``python -m <module> <request as JSON>`` in a fresh interpreter with environment
+    `env`; return the JSON its last stdout line holds (a failure raises with its stderr)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module, json.dumps(request)],
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{module} worker failed for {request}:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _proc_status_kib(field: str) -> int | None:

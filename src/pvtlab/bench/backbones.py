@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -26,7 +25,14 @@ from typing import Any
 
 import torch
 
-from pvtlab.bench import PeakMemory, markdown_table, report_header, time_interleaved, write_report
+from pvtlab.bench import (
+    PeakMemory,
+    markdown_table,
+    report_header,
+    run_worker,
+    time_interleaved,
+    write_report,
+)
 from pvtlab.utils.allocator import reuse_freed_memory
 
 __all__ = ["Config", "measure", "run", "time_in_fresh_process"]
@@ -154,16 +160,7 @@ def time_in_fresh_process(cfg: Config, reuse_freed_memory: bool = True) -> list[
 
 def _run_worker(cfg: Config, env: dict[str, str], **what: bool) -> list[dict[str, Any]]:
     request = {"config": asdict(cfg), "memory": False, "timing": False, "reuse": False, **what}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pvtlab.bench.backbones", json.dumps(request)],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark worker for {cfg} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker("pvtlab.bench.backbones", request, {**os.environ, **env})
 
 
 def _plan(quick: bool) -> list[Config]:

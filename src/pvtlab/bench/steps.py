@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-from pvtlab.bench import PeakMemory
+from pvtlab.bench import PeakMemory, run_worker
 
 __all__ = [
     "HEADS",
@@ -196,16 +195,7 @@ def measure_training_step_in_fresh_process(
     the allocator setting of `src/train.py` (True) or glibc's default (False)."""
     request = {"args": [str(a) for a in args], "kwargs": kwargs, "reuse": reuse_freed_memory}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pvtlab.bench.steps", json.dumps(request)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"training-step worker failed for {request}:\n{proc.stderr[-4000:]}")
-    return StepResult(**json.loads(proc.stdout.strip().splitlines()[-1]))
+    return StepResult(**run_worker("pvtlab.bench.steps", request, env))
 
 
 def _worker(argv: list[str]) -> None:
