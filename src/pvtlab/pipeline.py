@@ -25,7 +25,7 @@ from torch import nn
 from pvtlab.experiments.runtime import check_pretrained, set_sweep_group, write_metrics
 from pvtlab.loggers import log_wandb_run_facts
 from pvtlab.models import create_backbone
-from pvtlab.tasks.base import TaskModule
+from pvtlab.tasks.base import FROZEN_WEIGHTS, TaskModule, frozen_weight_compilation
 from pvtlab.utils.config import (
     ConfigError,
     check_compatible,
@@ -285,10 +285,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg)
     task = load_task(cfg, ckpt_path) if ckpt_path else build_task(cfg)
     datamodule = instantiate(cfg.data)
+    if cfg.get("compile"):
+        task.compile_model(options=FROZEN_WEIGHTS)
     trainer = build_trainer(cfg)
     run = trainer.test if cfg.get("split", "val") == "test" else trainer.validate
     try:
-        run(task, datamodule=datamodule)
+        with frozen_weight_compilation():  # compile=true: traced at the first batch
+            run(task, datamodule=datamodule)
         metrics = _scalars(trainer.callback_metrics)
     finally:
         _finish_loggers(trainer)

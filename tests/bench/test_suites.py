@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from pvtlab.bench import data, detectors, runner, training
 from pvtlab.bench.steps import HEADS
@@ -16,6 +18,44 @@ def test_runner_lists_every_suite() -> None:
     assert set(runner.SUITES) == {"backbones", "detectors", "training", "data"}
     with pytest.raises(ValueError, match="choose from"):
         runner.run_suites(["nope"], "/tmp")
+
+
+def _sweep_job(sweep: Path, num: int, overrides: list[str], metrics: dict | None) -> None:
+    job = sweep / str(num)
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if metrics is not None:
+        (job / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_shapes_ap_gathers_one_job_sweeps_and_the_newest_wins(tmp_path: Path) -> None:
+    """The Table 11 smoke jobs run as separate sweeps (or a stopped one) still fill the AP
+    column: (backbone, COCO side) from every sweep, the newest sweep's job where two repeat."""
+    root = tmp_path / "experiments" / "table11_speed_smoke"
+    _sweep_job(
+        root / "2026-11-24_15-15-41",
+        0,
+        ["backbone=pvt_small", "data.test_short_side=48"],
+        {"test/mAP": 5.0},
+    )
+    _sweep_job(
+        root / "2026-11-24_15-15-41", 1, ["backbone=resnet50", "data.test_short_side=48"], None
+    )
+    _sweep_job(
+        root / "2026-11-24_18-01-59",
+        0,
+        ["backbone=pvt_small", "data.test_short_side=64"],
+        {"test/mAP": 7.2},
+    )
+    _sweep_job(
+        root / "2026-11-25_09-00-00",
+        0,
+        ["backbone=pvt_small", "data.test_short_side=48"],
+        {"test/mAP": 5.7},
+    )
+    (root / "2026-11-25_10-00-00").mkdir()  # stopped before its first job
+    assert detectors.shapes_ap(tmp_path) == {("pvt_small", 640): 5.7, ("pvt_small", 800): 7.2}
+    assert detectors.shapes_ap(tmp_path / "elsewhere") == {}
 
 
 @pytest.mark.slow
@@ -57,7 +97,11 @@ def test_training_quick_covers_every_head_and_path(tmp_path: Path) -> None:
     )
     for heading in (*headings, "## Targets"):
         assert heading in text
-    assert "compiled vs reference-attention eager (forward)" in text
+    targets = text.split("## Targets")[1].strip().splitlines()[2:]  # below the header rows
+    assert len(targets) == 4 + len(HEADS)  # four forward ratios, one per training step
+    assert targets[0].startswith("| compiled (compile=true) vs reference-attention eager")
+    for row in targets:  # each with what this machine allows at most, from the same run
+        assert float(row.split("|")[4]) > 0, row
 
 
 @pytest.mark.slow

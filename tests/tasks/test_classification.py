@@ -300,6 +300,14 @@ def test_evaluate_a_checkpoint(make_config: Callable[..., DictConfig], tmp_path:
     metrics = pipeline.evaluate(_runnable(eval_cfg))
     assert {"val/acc1", "val/acc5", "val/loss"} <= set(metrics)
 
+    # compile=true: the same scores from the graph compiled with the weights frozen in.
+    with open_dict(eval_cfg):
+        eval_cfg.compile = True
+    compiled = pipeline.evaluate(eval_cfg)
+    assert compiled.keys() == metrics.keys()
+    for name, value in metrics.items():
+        assert compiled[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
+
 
 def test_released_weights_keep_their_1000_class_head(
     make_config: Callable[..., DictConfig], tmp_path: Path

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.profiler import profile
 
 from pvtlab.pipeline import build_model
-from pvtlab.tasks.base import TaskModule, backbone_of
+from pvtlab.tasks.base import FROZEN_WEIGHTS, TaskModule, backbone_of, frozen_weight_compilation
 from tests.conftest import compose_config
 
 # (task, head) -> names of the submodules compiled ("" is the whole network).
@@ -88,3 +89,25 @@ def test_compiled_detector_gives_the_eager_losses(head: str) -> None:
     eager = losses()
     TaskModule(model).compile_model(backend="eager")
     torch.testing.assert_close(losses(), eager)
+
+
+def test_frozen_weight_compilation_runs_onednn_linears_with_gelu_inside() -> None:
+    """What `src/eval.py compile=true` runs under bf16 autocast: the weights prepacked as
+    constants, every linear layer a oneDNN call (GELU fused into the MLP's first), and the same
+    logits as eager within bf16's precision."""
+    cfg = compose_config(["backbone=pvt_tiny", "backbone.kwargs.img_size=64"])
+    torch.manual_seed(0)
+    model = build_model(cfg.backbone, cfg.head, num_classes=8).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = model(images)
+        TaskModule(model).compile_model(options=FROZEN_WEIGHTS)
+        with frozen_weight_compilation():
+            model(images)  # traced and compiled here
+            with profile() as prof:
+                compiled = model(images)
+    calls = {event.key: event.count for event in prof.key_averages()}
+    assert "aten::addmm" not in calls and "aten::linear" not in calls
+    linears = sum(isinstance(m, nn.Linear) for m in model.modules())
+    assert calls.get("mkldnn::_linear_pointwise") == linears
+    torch.testing.assert_close(compiled.float(), eager.float(), atol=0.05, rtol=0.05)

@@ -70,19 +70,23 @@ def latency_ms(head: str, backbone: str, short_side: int, repeats: int) -> float
 
 
 def shapes_ap(log_dir: Path) -> dict[tuple[str, int], float]:
-    """test/mAP of the newest `table11_speed_smoke` sweep, by (backbone, COCO-equivalent side)."""
+    """test/mAP on shapes by (backbone, COCO-equivalent side), from every job of every
+    `table11_speed_smoke` sweep under `log_dir` (the newest sweep wins where two ran the same
+    job), so that its four jobs may also be run one at a time, or a stopped sweep count."""
     from pvtlab.experiments.collate import read_multirun
 
-    sweeps = sorted((log_dir / "experiments" / "table11_speed_smoke").glob("*/summary.md"))
-    if not sweeps:
-        return {}
-    found = {}
     coco_side = {v: k for k, v in SHAPES_SIDE.items()}
-    for job in read_multirun(sweeps[-1].parent):
-        values = dict(o.split("=", 1) for o in job.overrides if "=" in o)
-        side = coco_side.get(int(values.get("data.test_short_side", -1)))
-        if side and "test/mAP" in job.metrics:
-            found[(values.get("backbone", ""), side)] = job.metrics["test/mAP"]
+    found = {}
+    for sweep in sorted((log_dir / "experiments" / "table11_speed_smoke").glob("*/")):
+        try:
+            jobs = read_multirun(sweep)
+        except FileNotFoundError:  # a sweep stopped before its first job started
+            continue
+        for job in jobs:
+            values = dict(o.split("=", 1) for o in job.overrides if "=" in o)
+            side = coco_side.get(int(values.get("data.test_short_side", -1)))
+            if side and "test/mAP" in job.metrics:
+                found[(values.get("backbone", ""), side)] = job.metrics["test/mAP"]
     return found
 
 

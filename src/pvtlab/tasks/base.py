@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
+import torch._inductor.config as inductor_config
 from torch import nn
 
 from pvtlab.models.heads import static_shape_parts
 from pvtlab.tasks.optim import ScheduleSpec, build_optimizer, build_scheduler
+
+# Inductor settings for a model whose weights no longer change (evaluation, never training):
+# the weights become constants ("freezing"), prepacked for oneDNN, whose linear layers then run
+# bias and GELU in their epilogue and, under bf16 autocast, no longer cast the weights per call.
+FROZEN_WEIGHTS: dict[str, Any] = {"freezing": True}
+
+
+@contextmanager
+def frozen_weight_compilation() -> Iterator[None]:
+    """Call a model compiled with `options=FROZEN_WEIGHTS` inside this block. Dynamo reads the
+    setting when it traces, at the first call, so the option alone does not freeze; the option
+    gives the compiled code a backend of its own, so that a graph traced without freezing (a
+    training compile of the same module class) is never reused here, nor this one there."""
+    with inductor_config.patch(FROZEN_WEIGHTS):
+        yield
 
 
 class TaskModule(L.LightningModule):
