@@ -87,6 +87,14 @@ def test_training_quick_covers_every_head_and_path(tmp_path: Path) -> None:
         (row,) = [line for line in ratios.splitlines() if line.startswith(f"| {task} | {head} |")]
         share, ceiling = (float(cell) for cell in row.split("|")[3:5])
         assert 0 < share <= 1 and ceiling == pytest.approx(1 / share, rel=0.01)
+    # the compiled step (quick runs compile the classifier only) is profiled too: its share, and
+    # the eager step over its library time = (compiled / eager speed) / share
+    (row,) = [line for line in ratios.splitlines() if line.startswith("| classification |")]
+    cells = row.split("|")
+    compiled_share, compiled_ceiling = float(cells[5]), float(cells[6])
+    speedup = float(cells[9])
+    assert 0 < compiled_share <= 1
+    assert compiled_ceiling == pytest.approx(speedup / compiled_share, rel=0.02)
     assert "failed" not in text
     headings = (
         "Training-step ratios",
