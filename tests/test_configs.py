@@ -87,3 +87,16 @@ def test_eval_config_composes(tmp_path: Path) -> None:
         OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True
     )
     assert cfg.split in ("val", "test")
+
+
+@pytest.mark.parametrize("trainer", ["gpu", "ddp"])
+@pytest.mark.parametrize(
+    ("task", "benchmark"), [("classification", True), ("segmentation", True), ("detection", False)]
+)
+def test_gpu_trainers_use_cudnn_benchmark_only_where_shapes_repeat(
+    trainer: str, task: str, benchmark: bool, tmp_path: Path
+) -> None:
+    """Detection batches change shape every step (multi-scale sizes, sampled RoI counts): cuDNN
+    benchmark mode would re-time its algorithms at each one."""
+    cfg = compose_config([f"trainer={trainer}", f"task={task}"], output_dir=tmp_path / "run")
+    assert cfg.trainer.benchmark is benchmark

@@ -26,6 +26,7 @@ from pvtlab.experiments.runtime import check_pretrained, set_sweep_group, write_
 from pvtlab.loggers import log_wandb_run_facts
 from pvtlab.models import create_backbone
 from pvtlab.tasks.base import FROZEN_WEIGHTS, TaskModule, frozen_weight_compilation
+from pvtlab.utils.arguments import HEAD_META, TASK_META
 from pvtlab.utils.config import (
     ConfigError,
     check_compatible,
@@ -33,14 +34,10 @@ from pvtlab.utils.config import (
     print_config_tree,
     save_resolved_config,
 )
+from pvtlab.utils.numerics import use_fast_float32_matmuls
 
 log = logging.getLogger(__name__)
 
-# Fields of a group's config that describe the choice rather than being constructor arguments.
-TASK_META = ("kind", "monitor", "monitor_mode")
-# `masks`: the head trains on instance masks (data configs read it); `optim`: the head's released
-# optimizer values (task configs read them, e.g. task.optimizer.lr: ${oc.select:head.optim.lr,...}).
-HEAD_META = ("kind", "features_only", "masks", "optim")
 MEMORY_FORMATS = ("contiguous", "channels_last")  # backbone.memory_format
 
 
@@ -243,7 +240,7 @@ def _prepare(cfg: DictConfig) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
     print_config_tree(cfg, save_to=output_dir / "config_tree.log")
     save_resolved_config(cfg, output_dir / "config.yaml")
-    torch.set_float32_matmul_precision("high")
+    use_fast_float32_matmuls()
     L.seed_everything(cfg.seed, workers=True)
     return output_dir
 

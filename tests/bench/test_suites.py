@@ -112,6 +112,21 @@ def test_training_quick_covers_every_head_and_path(tmp_path: Path) -> None:
         assert float(row.split("|")[4]) > 0, row
 
 
+def test_step_paths_compile_what_users_run_on_each_device() -> None:
+    """CPU: fp32 steps, compiled against eager fp32, profiled for the compile ceiling, some with
+    glibc's malloc. GPU (trainer=gpu): compiled bf16 against eager bf16, no CPU profile."""
+    cpu = {p.label: p for p in training.step_paths("cpu", "detection", "retinanet", quick=False)}
+    assert list(cpu) == ["fp32", "bf16 autocast", training.DEFAULT_MALLOC, "fp32 compiled"]
+    assert cpu["fp32 compiled"].compiled and cpu["fp32 compiled"].precision == "32-true"
+    assert cpu["fp32"].profile and not cpu[training.DEFAULT_MALLOC].reuse_freed_memory
+    gpu = training.step_paths("cuda", "detection", "retinanet", quick=False)
+    assert [p.label for p in gpu] == ["fp32", "bf16 autocast", "bf16 compiled"]
+    assert gpu[-1].compiled and gpu[-1].precision == "bf16-mixed"
+    assert not any(p.profile for p in gpu)
+    # quick runs (the tests) compile the classifier only
+    assert not any(p.compiled for p in training.step_paths("cpu", "detection", "detr", quick=True))
+
+
 @pytest.mark.slow
 def test_data_quick(tmp_path: Path) -> None:
     (md,) = data.run(tmp_path, quick=True)

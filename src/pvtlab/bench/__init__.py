@@ -20,6 +20,8 @@ import torch
 
 __all__ = [
     "PeakMemory",
+    "bench_device",
+    "failure",
     "machine_info",
     "mark_start",
     "markdown_table",
@@ -32,6 +34,17 @@ __all__ = [
 ]
 
 K = TypeVar("K", bound=Hashable)
+
+
+def bench_device() -> torch.device:
+    """Where the suites run their models: the first GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def failure(error: Exception) -> str:
+    """A table cell for a measurement that raised: a path that fails is a finding of the
+    benchmark, not the end of its run."""
+    return f"failed: {type(error).__name__}: {str(error)[:80]}"
 
 
 def synchronize(device: torch.device | str | None = None) -> None:

@@ -27,6 +27,7 @@ import torch
 
 from pvtlab.bench import (
     PeakMemory,
+    bench_device,
     markdown_table,
     report_header,
     run_worker,
@@ -34,6 +35,7 @@ from pvtlab.bench import (
     write_report,
 )
 from pvtlab.utils.allocator import reuse_freed_memory
+from pvtlab.utils.numerics import use_fast_float32_matmuls
 
 __all__ = ["Config", "measure", "run", "time_in_fresh_process"]
 
@@ -68,10 +70,6 @@ def attention_label(name: str, fused: bool) -> str:
     return "fused (SDPA)" if fused else "reference (softmax)"
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def measure(cfg: Config, *, memory: bool = True, timing: bool = True) -> list[dict[str, Any]]:
     """Measure one configuration in this process, one result per attention path.
 
@@ -83,7 +81,7 @@ def measure(cfg: Config, *, memory: bool = True, timing: bool = True) -> list[di
     """
     from pvtlab.models import create_backbone
 
-    device = _device()
+    device = bench_device()
     torch.manual_seed(0)
     model = create_backbone(cfg.name, features_only=cfg.features_only).to(device)
     net = getattr(model, "model", model)
@@ -163,7 +161,7 @@ def _run_worker(cfg: Config, env: dict[str, str], **what: bool) -> list[dict[str
     return run_worker("pvtlab.bench.backbones", request, {**os.environ, **env})
 
 
-def _plan(quick: bool) -> list[Config]:
+def _plan(quick: bool, device: torch.device) -> list[Config]:
     if quick:
         settings = [(32, 32, 2, False), (64, 96, 1, True)]
         names = ("pvt_tiny", *BASELINES)
@@ -171,7 +169,10 @@ def _plan(quick: bool) -> list[Config]:
     else:
         settings = [(224, 224, 32, False), (800, 1333, 1, True)]
         names = (*PVT, *BASELINES)
-        reps = dict(repeats_fwd=3, repeats_bwd=1, warmup_fwd=1)
+        if device.type == "cpu":
+            reps = dict(repeats_fwd=3, repeats_bwd=1, warmup_fwd=1)
+        else:  # milliseconds a pass: more repeats cost little and steady the median
+            reps = dict(repeats_fwd=20, repeats_bwd=10, warmup_fwd=3, warmup_bwd=3)
     return [
         Config(name, h, w, batch, features_only, **reps)
         for h, w, batch, features_only in settings
@@ -214,7 +215,8 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
     """Run the suite; write ``backbones.md`` and ``backbones.png`` into `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plan = _plan(quick)
+    device = bench_device()
+    plan = _plan(quick, device)
     if quick:  # tiny inputs gain nothing from threads, and a busy machine makes them spin
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -222,6 +224,8 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
             results = {cfg: measure(cfg) for cfg in plan}
         finally:
             torch.set_num_threads(threads)
+    elif device.type == "cuda":  # CUDA's peak counter is per tensor: one process serves all
+        results = {cfg: measure(cfg) for cfg in plan}
     else:
         results = {cfg: _measure_in_subprocess(cfg) for cfg in plan}
 
@@ -298,19 +302,23 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
     command = "python src/bench.py suites=[backbones]" + (" quick=true" if quick else "")
     if os.environ.get("OMP_NUM_THREADS"):
         command = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} {command}"
-    device = _device()
+    repeats = (
+        f"Timed runs per figure: forward {plan[0].repeats_fwd} (median) after "
+        f"{plan[0].warmup_fwd} untimed, forward+backward {plan[0].repeats_bwd} after "
+        f"{plan[0].warmup_bwd} untimed; start-up excluded by a small run before. "
+    )
+    if quick:
+        how = "Quick run: tiny sizes, one repeat, one thread, all in one process (memory figures rough)."
+    elif device.type == "cuda":
+        how = repeats + "All in this process (CUDA counts peak memory per tensor; fused first)."
+    else:
+        how = repeats + (
+            "Each model and size is measured in two fresh processes: one for memory (fused "
+            "first), one for timings (freed memory reused, as `src/train.py` runs; fused and "
+            "reference alternating)."
+        )
     notes = [
-        f"Device: {device.type}. "
-        + (
-            "Quick run: tiny sizes, one repeat, one thread, all in one process (memory figures rough)."
-            if quick
-            else f"Timed runs per figure: forward {plan[0].repeats_fwd} (median) after "
-            f"{plan[0].warmup_fwd} untimed, forward+backward {plan[0].repeats_bwd} after "
-            f"{plan[0].warmup_bwd} untimed; start-up "
-            "excluded by a small run before. Each model and size is measured in two fresh "
-            "processes: one for memory (fused first), one for timings (freed memory reused, as "
-            "`src/train.py` runs; fused and reference alternating)."
-        ),
+        f"Device: {device.type}. {how}",
         "Peak memory: MiB the pass adds above the model and inputs "
         + (
             "(torch.cuda.max_memory_allocated)."
@@ -339,6 +347,7 @@ def _worker(argv: list[str]) -> None:
     cfg = Config(**request["config"])
     if request["reuse"]:
         reuse_freed_memory()
+    use_fast_float32_matmuls()  # as src/train.py runs
     print(json.dumps(measure(cfg, memory=request["memory"], timing=request["timing"])))
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from hydra.utils import instantiate
 
-from pvtlab.bench import markdown_table, report_header, write_report
+from pvtlab.bench import bench_device, markdown_table, report_header, write_report
 from pvtlab.bench.steps import QUICK_DATA, compose_run, measure_training_step
 
 __all__ = ["count_images", "loader_images_per_s", "run"]
@@ -44,10 +44,11 @@ def count_images(batch: Any) -> int:
 
 
 def loader_images_per_s(
-    task: str, data_dir: Path, batches: int, extra: tuple[str, ...] = ()
+    task: str, data_dir: Path, images: int, extra: tuple[str, ...] = ()
 ) -> tuple[float, dict[str, Any]]:
-    """Images per second of the task's shapes training loader over `batches` batches (the first,
-    with the workers' start-up, untimed), and the loader's settings."""
+    """Images per second of the task's shapes training loader over `images` images (or the rest
+    of the epoch, if shorter), and the loader's settings. Untimed first: one batch from each
+    worker, which carries that worker's start-up."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose_run(
             [
@@ -69,16 +70,17 @@ def loader_images_per_s(
             "pin_memory": loader.pin_memory,
             "persistent": loader.persistent_workers,
         }
-        images, start = 0, 0.0
+        warmup = max(loader.num_workers, 1)
+        seen, start = 0, 0.0
         for i, batch in enumerate(loader):
-            if i == 0:
+            if i < warmup:
                 start = time.perf_counter()
                 continue
-            images += count_images(batch)
-            if i >= batches:
+            seen += count_images(batch)
+            if seen >= images:
                 break
         seconds = time.perf_counter() - start
-    return (images / seconds if seconds > 0 and images else float("nan")), settings
+    return (seen / seconds if seconds > 0 and seen else float("nan")), settings
 
 
 def run(out_dir: Path, quick: bool) -> list[Path]:
@@ -87,10 +89,10 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     data_dir = out_dir / ".shapes" if quick else Path(os.environ.get("PVTLAB_DATA", "data"))
     extra = QUICK_DATA if quick else ()
-    batches = 2 if quick else 20
+    images = 16 if quick else 2048  # many rounds of every worker
     rows = []
     for task, head, module in KINDS:
-        rate, settings = loader_images_per_s(task, data_dir, batches, extra)
+        rate, settings = loader_images_per_s(task, data_dir, images, extra)
         step = measure_training_step(
             task, head, "pvt_tiny", data_dir, steps=1 if quick else 4, extra=extra
         )
@@ -103,8 +105,14 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
     command = "python src/bench.py suites=[data]" + (" quick=true" if quick else "")
     notes = [
         f"Loaders: each task's shapes recipe (64x64 images, its augmentation and batch), the real "
-        f"DataModule of the format; {batches} batches timed after the first (worker start-up).",
-        "Training step: PVT-Tiny with the task's default head, same data and batch, eager fp32.",
+        f"DataModule of the format; {images} images timed (or the epoch, if shorter) after one "
+        "batch from each worker (their start-up).",
+        "Training step: PVT-Tiny with the task's default head, same data and batch, eager, "
+        + (
+            "fp32 (trainer=cpu)."
+            if bench_device().type == "cpu"
+            else "bf16 autocast on the GPU (trainer=gpu)."
+        ),
         "The loader runs alone here; during training it shares the cores with the step.",
     ]
     if quick:

@@ -5,7 +5,8 @@ PVT-Small; AP on shapes from the `table11_speed_smoke` sweep when one has been r
     python src/bench.py suites=[detectors] [quick=true]
 
 Latency: one image (batch 1, eval, no grad, the COCO-sized network: 80 classes, released head
-settings), padded to a multiple of 32 by the head; median of repeats after a warm-up.
+settings), padded to a multiple of 32 by the head; median of repeats after warm-ups; fp32 (TF32
+matrix products on a GPU, as `src/eval.py` runs) and bf16 autocast.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ from typing import Any
 
 import torch
 
-from pvtlab.bench import markdown_table, report_header, time_call, write_report
+from pvtlab.bench import (
+    bench_device,
+    failure,
+    markdown_table,
+    report_header,
+    time_interleaved,
+    write_report,
+)
 from pvtlab.bench.steps import compose_run
 
 __all__ = ["latency_ms", "run", "shapes_ap"]
@@ -38,12 +46,14 @@ QUICK = (
 SHAPES_SIDE = {640: 48, 800: 64}  # table11_speed_smoke's stand-ins for the COCO sizes
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+PRECISIONS = ("fp32", "bf16")
 
 
-def latency_ms(head: str, backbone: str, short_side: int, repeats: int) -> float:
-    """Median milliseconds of one image of COCO proportions (short x 1.666 short) through the detector."""
+def latency_ms(
+    head: str, backbone: str, short_side: int, repeats: int, warmup: int = 1
+) -> dict[str, float]:
+    """Median milliseconds of one image of COCO proportions (short x 1.666 short) through the
+    detector, in fp32 and under bf16 autocast (keys PRECISIONS), timed in turns."""
     from pvtlab.pipeline import build_model
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -58,15 +68,21 @@ def latency_ms(head: str, backbone: str, short_side: int, repeats: int) -> float
             Path(tmp) / "run",
         )
         torch.manual_seed(0)
-        device = _device()
+        device = bench_device()
         model = build_model(cfg.backbone, cfg.head, int(cfg.data.num_classes)).eval().to(device)
     image = torch.rand(3, short_side, round(short_side * 1333 / 800), device=device)
 
-    def infer() -> Any:
-        with torch.no_grad():
+    def infer(bf16: bool) -> Any:
+        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             return model([image])
 
-    return 1000 * time_call(infer, warmup=1, repeats=repeats, device=device)
+    seconds = time_interleaved(
+        {p: lambda bf16=p == "bf16": infer(bf16) for p in PRECISIONS},
+        warmup=warmup,
+        repeats=repeats,
+        device=device,
+    )
+    return {p: 1000 * s for p, s in seconds.items()}
 
 
 def shapes_ap(log_dir: Path) -> dict[tuple[str, int], float]:
@@ -93,29 +109,57 @@ def shapes_ap(log_dir: Path) -> dict[tuple[str, int], float]:
 def run(out_dir: Path, quick: bool, log_dir: Path = Path("outputs")) -> list[Path]:
     """Run the suite; write ``detectors.md`` into `out_dir`."""
     out_dir = Path(out_dir)
-    plan, repeats = (QUICK, 1) if quick else (FULL, 2)
+    device = bench_device()
+    plan = QUICK if quick else FULL
+    # a GPU runs an image in tens of milliseconds: more repeats steady the median
+    repeats, warmup = (1, 1) if quick else (2, 1) if device.type == "cpu" else (20, 3)
     threads = torch.get_num_threads()
     if quick:
         torch.set_num_threads(1)
+    # as `trainer=gpu` runs: cuDNN picks its fastest convolutions for each input size
+    benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, True
+    latencies: dict[tuple[Any, ...], dict[str, float] | str] = {}
     try:
-        latencies = {row: latency_ms(*row[:3], repeats=repeats) for row in plan}
+        for row in plan:
+            try:
+                latencies[row] = latency_ms(*row[:3], repeats=repeats, warmup=warmup)
+            except Exception as error:
+                latencies[row] = failure(error)
     finally:
         torch.set_num_threads(threads)
+        torch.backends.cudnn.benchmark = benchmark
     ap = shapes_ap(Path(log_dir))
-    rows = [
-        (head, backbone, f"{side}x{round(side * 1333 / 800)}", latencies[(head, backbone, side, paper)], paper,
-         None if (backbone, side) not in ap or head != "retinanet" else 100 * ap[(backbone, side)])
-        for head, backbone, side, paper in plan
-    ]  # fmt: skip
+    rows = []
+    for row in plan:
+        head, backbone, side, paper = row
+        ms = latencies[row]
+        timings = (
+            (ms, None, None)
+            if isinstance(ms, str)
+            else (ms["fp32"], ms["bf16"], ms["fp32"] / ms["bf16"])
+        )
+        shapes = ap.get((backbone, side)) if head == "retinanet" else None
+        rows.append(
+            (head, backbone, f"{side}x{round(side * 1333 / 800)}", *timings, paper,
+             None if shapes is None else 100 * shapes)
+        )  # fmt: skip
     ratio_rows = []
-    if not quick:
-        pvt640 = latencies[FULL[0]]
-        r50 = latencies[FULL[2]]
-        ratio_rows = [("RetinaNet PVT-S@640 / ResNet50@800 latency", pvt640 / r50, 51.7 / 55.9)]
+    pvt640, r50 = latencies.get(FULL[0]), latencies.get(FULL[2])
+    if not quick and isinstance(pvt640, dict) and isinstance(r50, dict):
+        ratio_rows = [
+            (f"RetinaNet PVT-S@640 / ResNet50@800 latency, {p}", pvt640[p] / r50[p], 51.7 / 55.9)
+            for p in PRECISIONS
+        ]
     command = "python src/bench.py suites=[detectors]" + (" quick=true" if quick else "")
     notes = [
-        f"Device: {_device().type}. Latency: median of {repeats} after 1 warm-up, batch 1, "
-        "random image of COCO proportions (shorter x 1.666 shorter), eval, no grad.",
+        f"Device: {device.type}. Latency: median of {repeats} after {warmup} warm-up(s), "
+        "batch 1, random image of COCO proportions (shorter x 1.666 shorter), eval, no grad; "
+        "fp32 and bf16 autocast timed in turns"
+        + (
+            ", fp32 matrix products in TF32 (as src/eval.py runs), cuDNN benchmark mode."
+            if device.type == "cuda"
+            else "."
+        ),
         "AP: test/mAP (%) on shapes of the newest `python src/train.py -m experiment=table11_speed_smoke` "
         "sweep (shorter sides 48 / 64 stand for 640 / 800); n/a where none has been run. "
         "The paper's ms are on one V100: compare ratios, not absolute times.",
@@ -126,7 +170,17 @@ def run(out_dir: Path, quick: bool, log_dir: Path = Path("outputs")) -> list[Pat
         report_header("Detector benchmark (paper Table 11)", command, notes),
         "## Latency per image\n\n"
         + markdown_table(
-            ["head", "backbone", "input", "ms / image", "paper ms (V100)", "AP on shapes (%)"], rows
+            [
+                "head",
+                "backbone",
+                "input",
+                "ms / image fp32",
+                "ms / image bf16",
+                "bf16 speed-up",
+                "paper ms (V100, fp32)",
+                "AP on shapes (%)",
+            ],
+            rows,
         ),
     ]
     if ratio_rows:

@@ -26,7 +26,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-from pvtlab.bench import PeakMemory, run_worker
+from pvtlab.bench import PeakMemory, bench_device, run_worker, synchronize
+from pvtlab.utils.numerics import use_fast_float32_matmuls
 
 __all__ = [
     "HEADS",
@@ -69,16 +70,19 @@ def compose_run(overrides: Sequence[str], output_dir: Path) -> DictConfig:
 
 
 class StepTimer(L.Callback):
-    """Wall-clock seconds of every training batch (forward, backward and optimizer step)."""
+    """Wall-clock seconds of every training batch (forward, backward and optimizer step); on a
+    GPU the queued work is waited for at both ends, so each time is the batch's own."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
         self._start = 0.0
 
-    def on_train_batch_start(self, *args: Any) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, *_: Any) -> None:
+        synchronize(module.device)
         self._start = time.perf_counter()
 
-    def on_train_batch_end(self, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *_: Any) -> None:
+        synchronize(module.device)
         self.times.append(time.perf_counter() - self._start)
 
 
@@ -140,15 +144,24 @@ def measure_training_step(
     steps: int = 3,
     warmup: int = 1,
     compile: bool = False,
-    precision: str = "32-true",
+    precision: str | None = None,
     extra: Sequence[str] = (),
     profile: bool = False,
 ) -> StepResult:
     """Fit `steps + warmup` training batches of the shapes recipe; time the last `steps`.
-    `profile`: one more batch, profiled, for `StepResult.library_share`."""
+
+    Runs on `bench_device()` with the trainer preset a user would pick there (`trainer=cpu` or
+    `trainer=gpu`); `precision` overrides the preset's (fp32 on the CPU, bf16-mixed on a GPU).
+    `profile`: one more batch, profiled, for `StepResult.library_share` (CPU time).
+    """
+    device = bench_device()
+    use_fast_float32_matmuls()  # as src/train.py runs
+    overrides = [f"trainer.precision={precision}"] if precision else []
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose_run(
             [
+                f"trainer={'gpu' if device.type == 'cuda' else 'cpu'}",
+                *overrides,
                 f"task={task}",
                 f"head={head}",
                 f"backbone={backbone}",
@@ -157,7 +170,6 @@ def measure_training_step(
                 "callbacks=none",
                 f"paths.data_dir={data_dir}",
                 f"paths.log_dir={tmp}",
-                f"trainer.precision={precision}",
                 f"trainer.max_steps={steps + warmup + int(profile)}",
                 "trainer.max_epochs=-1",
                 "+trainer.limit_val_batches=0",
@@ -180,7 +192,7 @@ def measure_training_step(
         timer = StepTimer()
         profiler = StepProfiler(batch_index=steps + warmup if profile else -1)
         trainer = instantiate(cfg.trainer, callbacks=[timer, profiler], logger=False)
-        with PeakMemory("cpu") as peak:
+        with PeakMemory(device) as peak:
             trainer.fit(module, datamodule=datamodule)
         batch = int(cfg.data.batch_size)
     timed = timer.times[warmup : warmup + steps] or timer.times

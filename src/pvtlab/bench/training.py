@@ -7,35 +7,50 @@ measured against the issue's targets as ratios (never asserted).
 Training steps run through the real pipeline (`pvtlab.bench.steps`): the shapes recipe of the
 task (its sizes and batch), a Lightning Trainer fitting a few batches, each timed from batch start
 to batch end (forward, loss, backward, optimizer step); the median after a warm-up step. Each
-runs in a fresh process with the host allocator of `src/train.py`; some eager fp32 steps also
-with glibc's default malloc, which gives large freed blocks back to the system every step.
+runs in a fresh process with the host allocator of `src/train.py`; on the CPU some eager fp32
+steps also with glibc's default malloc, which gives large freed blocks back to the system every
+step. On a GPU the steps run under `trainer=gpu`, and compile is timed as users run it there:
+bf16 autocast, compiled against eager.
+
+The report is rewritten after each step measured, so a run stopped part-way keeps what it
+measured.
 """
 
 from __future__ import annotations
 
+import gc
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pvtlab.bench import markdown_table, report_header, time_interleaved, write_report
+from pvtlab.bench import (
+    bench_device,
+    failure,
+    markdown_table,
+    report_header,
+    time_interleaved,
+    write_report,
+)
 from pvtlab.bench.backbones import Config, time_in_fresh_process
 from pvtlab.bench.steps import (
     HEADS,
     QUICK_DATA,
     StepResult,
+    measure_training_step,
     measure_training_step_in_fresh_process,
 )
 
-__all__ = ["forward_fast_paths", "run"]
+__all__ = ["StepPath", "forward_fast_paths", "run", "step_paths"]
 
-# Targets of issue 10 (ratios in one run; reported, never asserted).
+# Targets of issue 10 (ratios in one run on the 2-core CPU; reported, never asserted).
 TARGET_COMPILE_FWD = 1.4  # compiled vs reference-attention eager forward
 TARGET_BF16_FWD = 2.0  # bf16 autocast vs fp32 forward
 TARGET_MATMUL_SHARE = 0.75  # compiled fp32 GMAC rate vs a large fp32 matmul's
 TARGET_COMPILE_STEP = 1.3  # compiled vs eager training step
-# Heads whose eager fp32 step is also timed with glibc's default malloc.
+# Heads whose eager fp32 step is also timed with glibc's default malloc (CPU only).
 DEFAULT_MALLOC_HEADS = ("linear", "retinanet", "semantic_fpn")
 DEFAULT_MALLOC = "fp32, glibc default malloc"
 
@@ -50,28 +65,69 @@ FROZEN_FP32 = "compiled with frozen weights, fp32 (eval.py compile=true)"
 FROZEN_BF16 = "compiled with frozen weights, bf16 autocast (eval.py compile=true)"
 
 
+@dataclass(frozen=True)
+class StepPath:
+    """One way of running a training step: a row of the step table."""
+
+    label: str
+    precision: str  # Lightning's trainer.precision
+    compiled: bool = False
+    reuse_freed_memory: bool = True  # src/train.py's host allocator setting
+    profile: bool = False  # one more batch, profiled for its library-kernel share (CPU)
+
+
+FP32 = StepPath("fp32", "32-true", profile=True)
+BF16 = StepPath("bf16 autocast", "bf16-mixed")
+# What compile=true is measured against: the eager step of the precision users train with on
+# that device (fp32 on the CPU, where bf16 gains little in training; bf16 under trainer=gpu).
+COMPILED_STEP = {
+    "cpu": (FP32, StepPath("fp32 compiled", "32-true", compiled=True, profile=True)),
+    "cuda": (BF16, StepPath("bf16 compiled", "bf16-mixed", compiled=True)),
+}
+
+
+def step_paths(device: str, task: str, head: str, quick: bool) -> list[StepPath]:
+    """The step paths timed for one head on `device` ("cpu" or "cuda"). Compiling takes a
+    minute or more per head on 2 cores, so quick runs (the tests) compile the classifier only."""
+    paths = [FP32, BF16]
+    if device == "cpu" and head in DEFAULT_MALLOC_HEADS and (not quick or task == "classification"):
+        paths.append(StepPath(DEFAULT_MALLOC, "32-true", reuse_freed_memory=False))
+    if not quick or task == "classification":
+        paths.append(COMPILED_STEP[device][1])
+    if device != "cpu":  # the library-kernel share is a CPU-time measure
+        paths = [replace(p, profile=False) for p in paths]
+    return paths
+
+
 def forward_fast_paths(
-    name: str, size: int, batch: int, repeats: int, compile: bool = True, matmul: int = 2048
+    name: str,
+    size: int,
+    batch: int,
+    repeats: int,
+    compile: bool = True,
+    matmul: int = 2048,
+    device: torch.device | None = None,
 ) -> dict[str, Any]:
     """Forward images/s of classifier `name` (eval, no grad) along each path, its GMACs per
     image, and the GMAC/s of a `matmul`-sized square matrix product in fp32 and bf16 (keys
     MATMUL, MATMUL_BF16), all timed in turns so that their ratios hold on a machine whose
     speed drifts. Compiled: as `src/train.py` compiles and as `src/eval.py` does (weights
-    frozen in, `pvtlab.tasks.base.FROZEN_WEIGHTS`)."""
+    frozen in, `pvtlab.tasks.base.FROZEN_WEIGHTS`). `device`: `bench_device()` by default."""
     from pvtlab.models import count_gmacs, create_backbone
     from pvtlab.tasks.base import FROZEN_WEIGHTS, frozen_weight_compilation
 
+    device = device or bench_device()
     torch.manual_seed(0)
-    model = create_backbone(name, features_only=False, img_size=size).eval()
+    model = create_backbone(name, features_only=False, img_size=size).eval().to(device)
     with torch.device("meta"):
         gmacs = count_gmacs(create_backbone(name, features_only=False, img_size=size), (size, size))
-    x = torch.randn(batch, 3, size, size)
-    a, b = torch.randn(matmul, matmul), torch.randn(matmul, matmul)
+    x = torch.randn(batch, 3, size, size, device=device)
+    a, b = torch.randn(matmul, matmul, device=device), torch.randn(matmul, matmul, device=device)
     a16, b16 = a.bfloat16(), b.bfloat16()
 
     def run(forward: Any, fused: bool = True, bf16: bool = False) -> Any:
         model.fused_attn = fused
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             return forward(x)
 
     def frozen(forward: Any, bf16: bool) -> Any:
@@ -92,7 +148,7 @@ def forward_fast_paths(
     paths[MATMUL] = lambda: a @ b
     paths[MATMUL_BF16] = lambda: a16 @ b16
     with torch.no_grad():
-        seconds = time_interleaved(paths, warmup=1, repeats=repeats)
+        seconds = time_interleaved(paths, warmup=1, repeats=repeats, device=device)
     out: dict[str, Any] = {key: batch / s for key, s in seconds.items()}
     out["gmacs_per_image"] = gmacs
     for key in (MATMUL, MATMUL_BF16):
@@ -101,19 +157,21 @@ def forward_fast_paths(
 
 
 def cnn_memory_formats(
-    name: str, size: int, batch: int, repeats: int
+    name: str, size: int, batch: int, repeats: int, device: torch.device | None = None
 ) -> dict[str, tuple[float, float]]:
     """(forward, training step) images/s of CNN classifier `name` with NCHW (contiguous) vs
     NHWC (channels_last) weights and inputs; the step is forward, loss, backward and AdamW.
     The two formats are timed in turns."""
     from pvtlab.models import create_backbone
 
-    x = torch.randn(batch, 3, size, size)
-    labels = torch.zeros(batch, dtype=torch.long)
+    device = device or bench_device()
+    x = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.zeros(batch, dtype=torch.long, device=device)
     models, inputs, optimizers = {}, {}, {}
     for label, channels_last in (("contiguous", False), ("channels_last", True)):
         torch.manual_seed(0)
-        models[label] = create_backbone(name, features_only=False, channels_last=channels_last)
+        model = create_backbone(name, features_only=False, channels_last=channels_last)
+        models[label] = model.to(device)  # keeps each parameter's memory format
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         inputs[label] = x.contiguous(memory_format=fmt)
         optimizers[label] = torch.optim.AdamW(models[label].parameters(), lr=1e-4, fused=True)
@@ -126,18 +184,23 @@ def cnn_memory_formats(
         torch.nn.functional.cross_entropy(forward(label), labels).backward()
         optimizers[label].step()
 
+    def timed(fn: Any) -> dict[str, float]:
+        return time_interleaved(
+            {k: lambda k=k: fn(k) for k in models}, repeats=repeats, device=device
+        )
+
     for model in models.values():
         model.eval()
     with torch.no_grad():
-        fwd = time_interleaved({k: lambda k=k: forward(k) for k in models}, repeats=repeats)
+        fwd = timed(forward)
     for model in models.values():
         model.train()
-    step = time_interleaved({k: lambda k=k: train_step(k) for k in models}, repeats=repeats)
+    step = timed(train_step)
     return {k: (batch / fwd[k], batch / step[k]) for k in models}
 
 
-# AdamW implementations: torch's CPU default (a Python loop over parameters), multi-tensor, and
-# the one-kernel update that pvtlab's optimizers use (`task.optimizer.fused`).
+# AdamW implementations: a Python loop over parameters (torch's CPU default), multi-tensor (its
+# CUDA default), and the one-kernel update that pvtlab's optimizers use (`task.optimizer.fused`).
 OPTIMIZER_PATHS = {
     "per-parameter loop (torch's CPU default)": {"foreach": False, "fused": False},
     "multi-tensor (foreach)": {"foreach": True},
@@ -145,13 +208,16 @@ OPTIMIZER_PATHS = {
 }
 
 
-def optimizer_step_paths(name: str, repeats: int) -> dict[str, float]:
+def optimizer_step_paths(
+    name: str, repeats: int, device: torch.device | None = None
+) -> dict[str, float]:
     """Seconds of one AdamW step over the parameters of classifier `name` (gradients set), per
     implementation in OPTIMIZER_PATHS, timed in turns."""
     from pvtlab.models import create_backbone
 
+    device = device or bench_device()
     torch.manual_seed(0)
-    model = create_backbone(name, features_only=False)
+    model = create_backbone(name, features_only=False).to(device)
     grads = [torch.randn_like(p) for p in model.parameters()]
 
     def adamw(settings: dict[str, bool]) -> torch.optim.Optimizer:
@@ -161,7 +227,9 @@ def optimizer_step_paths(name: str, repeats: int) -> dict[str, float]:
         return torch.optim.AdamW(params, lr=1e-4, **settings)
 
     optimizers = {label: adamw(settings) for label, settings in OPTIMIZER_PATHS.items()}
-    return time_interleaved({k: o.step for k, o in optimizers.items()}, repeats=repeats)
+    return time_interleaved(
+        {k: o.step for k, o in optimizers.items()}, repeats=repeats, device=device
+    )
 
 
 ALLOCATORS = {"glibc default malloc": False, "reuse_freed_memory (src/train.py)": True}
@@ -189,54 +257,42 @@ def _compiled_ceiling(eager: StepResult | None, compiled: StepResult | None) -> 
     return eager.step_s / (compiled.library_share * compiled.step_s)
 
 
-def run(out_dir: Path, quick: bool) -> list[Path]:
-    """Run the suite; write ``training.md`` into `out_dir`."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    data_dir = out_dir / ".shapes" if quick else Path(os.environ.get("PVTLAB_DATA", "data"))
-    backbone = "pvt_tiny"
-    extra = QUICK_DATA if quick else ()
-    steps = 1 if quick else 10  # one loader worker shares the 2 cores: few steps are noisy
-    rows, ratio_rows, results = [], [], {}
-    for task, head in HEADS:
-        variants = [("fp32", False, "32-true"), ("bf16 autocast", False, "bf16-mixed")]
-        if head in DEFAULT_MALLOC_HEADS and (not quick or task == "classification"):
-            variants.append((DEFAULT_MALLOC, False, "32-true"))
-        # Compiled: what `compile=true` compiles (`static_shape_parts`: the whole classifier or
-        # segmenter, a detector's backbone, FPN and dense branches). A minute or more of
-        # compilation per head on 2 cores, so quick runs (the tests) compile the classifier only.
-        if not quick or task == "classification":
-            variants.append(("fp32 compiled", True, "32-true"))
-        for label, compiled, precision in variants:
-            try:
-                r = measure_training_step_in_fresh_process(
-                    task, head, backbone, data_dir, steps=steps, compile=compiled,
-                    precision=precision, extra=list(extra),
-                    reuse_freed_memory=label != DEFAULT_MALLOC,
-                    profile=label in ("fp32", "fp32 compiled"),
-                )  # fmt: skip
-            except Exception as error:  # a path that fails is a finding, not the end of the run
-                results[(head, label)] = None
-                rows.append(
-                    (
-                        task,
-                        head,
-                        backbone,
-                        "-",
-                        label,
-                        f"failed: {type(error).__name__}: {str(error)[:80]}",
-                        None,
-                        None,
-                        None,
-                    )
-                )
-                continue
-            results[(head, label)] = r
+def _measure_path(
+    task: str, head: str, path: StepPath, data_dir: Path, steps: int, extra: list[str]
+) -> StepResult | str:
+    """One path's step of one head. On the CPU in a fresh process (its peak resident memory
+    and allocator its own); on a GPU in this one, whose CUDA peak counter is per tensor, with
+    dynamo's caches emptied first. A path that fails is a finding, not the end of the run: its
+    error message stands in for the result."""
+    kwargs = dict(
+        steps=steps, compile=path.compiled, precision=path.precision, extra=extra,
+        profile=path.profile,
+    )  # fmt: skip
+    try:
+        if bench_device().type == "cpu":
+            return measure_training_step_in_fresh_process(
+                task, head, "pvt_tiny", data_dir, reuse_freed_memory=path.reuse_freed_memory,
+                **kwargs,
+            )  # fmt: skip
+        torch._dynamo.reset()  # each compiled head starts as in a fresh process
+        return measure_training_step(task, head, "pvt_tiny", data_dir, **kwargs)
+    except Exception as error:
+        return failure(error)
+    finally:
+        gc.collect()  # the fitted run's loader workers go with it, not at some later step
+
+
+def _step_rows(task: str, head: str, results: dict[str, StepResult | str]) -> list[tuple]:
+    rows = []
+    for label, r in results.items():
+        if isinstance(r, str):
+            rows.append((task, head, "pvt_tiny", "-", label, r, None, None, None))
+        else:
             rows.append(
                 (
                     task,
                     head,
-                    backbone,
+                    "pvt_tiny",
                     r.batch,
                     label,
                     r.images_per_s,
@@ -245,153 +301,223 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
                     r.peak_mib,
                 )
             )
-        eager = results.get((head, "fp32"))
-        bf16 = results.get((head, "bf16 autocast"))
-        comp = results.get((head, "fp32 compiled"))
-        malloc = results.get((head, DEFAULT_MALLOC))
-        share = eager and eager.library_share
-        compiled_share = comp and comp.library_share
-        ratio_rows.append(
-            (
-                task,
-                head,
-                share,
-                None if not share else 1 / share,
-                compiled_share,
-                _compiled_ceiling(eager, comp),
-                _ratio(eager and eager.images_per_s, malloc and malloc.images_per_s),
-                _ratio(bf16 and bf16.images_per_s, eager and eager.images_per_s),
-                _ratio(comp and comp.images_per_s, eager and eager.images_per_s),
-                TARGET_COMPILE_STEP,
-            )
-        )
+    return rows
+
+
+def _ratio_row(
+    task: str, head: str, results: dict[str, StepResult | str], device: str
+) -> tuple[Any, ...]:
+    def get(label: str) -> StepResult | None:
+        r = results.get(label)
+        return r if isinstance(r, StepResult) else None
+
+    eager_path, compiled_path = COMPILED_STEP[device]
+    fp32, bf16, malloc = get(FP32.label), get(BF16.label), get(DEFAULT_MALLOC)
+    eager, compiled = get(eager_path.label), get(compiled_path.label)
+    share = fp32 and fp32.library_share
+    return (
+        task,
+        head,
+        share,
+        None if not share else 1 / share,
+        compiled and compiled.library_share,
+        _compiled_ceiling(eager, compiled),
+        _ratio(fp32 and fp32.images_per_s, malloc and malloc.images_per_s),
+        _ratio(bf16 and bf16.images_per_s, fp32 and fp32.images_per_s),
+        _ratio(compiled and compiled.images_per_s, eager and eager.images_per_s),
+        TARGET_COMPILE_STEP,
+    )
+
+
+def run(out_dir: Path, quick: bool) -> list[Path]:
+    """Run the suite; write ``training.md`` into `out_dir` (rewritten after each step path)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = out_dir / ".shapes" if quick else Path(os.environ.get("PVTLAB_DATA", "data"))
+    device = bench_device()
+    on_cpu = device.type == "cpu"
+    extra = list(QUICK_DATA) if quick else []
+    steps = 1 if quick else 10  # one loader worker shares the 2 cores: few steps are noisy
 
     if quick:
         fwd_model, size, batch, repeats, mm = "pvt_tiny", 64, 2, 1, 256
-    else:
-        fwd_model, size, batch, repeats, mm = "pvt_small", 224, 32, 3, 2048
-    # quick: the compiled training step above already shows that compilation works
+    else:  # a GPU times a forward in milliseconds: more repeats cost little
+        fwd_model, size, batch, mm = "pvt_small", 224, 32, 2048 if on_cpu else 8192
+        repeats = 3 if on_cpu else 20
+    # quick: the compiled training step below already shows that compilation works
     fwd = forward_fast_paths(fwd_model, size, batch, repeats, compile=not quick, matmul=mm)
-    matmul, matmul_bf16 = fwd.pop(MATMUL), fwd.pop(MATMUL_BF16)
-    allocator = allocator_paths(Config(fwd_model, size, size, batch, False, repeats, 1))
-    base_f, base_fb = allocator[next(iter(ALLOCATORS))]  # glibc's default
+    # The host allocator matters on the CPU only: a GPU's tensors live in CUDA's caching pool.
+    allocator = (
+        allocator_paths(Config(fwd_model, size, size, batch, False, repeats, 1)) if on_cpu else {}
+    )
     cnn_name, cnn_size = ("resnet18", 64) if quick else ("resnet50", 224)
     cnn = cnn_memory_formats(cnn_name, cnn_size, batch, repeats)
-    optimizer_s = optimizer_step_paths(backbone, repeats=3 if quick else 10)
-    loop_s = optimizer_s[next(iter(OPTIMIZER_PATHS))]
-    gmacs = fwd.pop("gmacs_per_image")
-    fwd_rows = [(k, v, v * gmacs) for k, v in fwd.items()]
-    fwd_rows += [
-        (f"{k} {mm}x{mm}x{mm}", None, v) for k, v in ((MATMUL, matmul), (MATMUL_BF16, matmul_bf16))
-    ]
-    ref, compiled = fwd[REFERENCE], fwd.get(COMPILED)
-    # What no software could beat here: the forward at the large matmul's rate (fp32), every
-    # operation as much faster in bf16 as the matmul is; a training step with all but its
-    # library kernels taking no time.
-    fp32_ceiling = _ratio(matmul, ref * gmacs)
-    bf16_ceiling = _ratio(matmul_bf16, matmul)
-    target_rows = [
-        ("compiled (compile=true) vs reference-attention eager, fp32 forward", _ratio(compiled, ref), TARGET_COMPILE_FWD, fp32_ceiling),
-        ("bf16 autocast vs fp32, eager fused forward", _ratio(fwd[EAGER_BF16], fwd[EAGER_FP32]), TARGET_BF16_FWD, bf16_ceiling),
-        ("bf16 autocast vs fp32, forward compiled with frozen weights (eval.py compile=true)", _ratio(fwd.get(FROZEN_BF16), fwd.get(FROZEN_FP32)), TARGET_BF16_FWD, bf16_ceiling),
-        ("compiled fp32 (compile=true) GMAC/s vs large fp32 matmul GMAC/s", _ratio(compiled and compiled * gmacs, matmul), TARGET_MATMUL_SHARE, 1.0),
-    ]  # fmt: skip
-    target_rows += [
-        (
-            f"training step compiled vs eager: {task}/{head}",
-            comp_ratio,
-            TARGET_COMPILE_STEP,
-            ceiling,
-        )
-        for task, head, _, ceiling, _, _, _, _, comp_ratio, _ in ratio_rows
-    ]
-    target_rows = [
-        (*r, None if r[1] is None else ("met" if r[1] >= r[2] else "missed")) for r in target_rows
-    ]
+    optimizer_s = optimizer_step_paths("pvt_tiny", repeats=3 if quick else 10)
+    forward_sections = _forward_sections(
+        fwd, allocator, cnn, optimizer_s, fwd_model, size, batch, mm, cnn_name, cnn_size
+    )
 
+    # Every eager step before the first compiled one: a run stopped during compilation (a
+    # minute or more a head) still has the whole eager table.
+    plan = [(t, h, p) for t, h in HEADS for p in step_paths(device.type, t, h, quick)]
+    plan.sort(key=lambda item: item[2].compiled)
+    results: dict[tuple[str, str], dict[str, StepResult | str]] = {key: {} for key in HEADS}
+    header = _header(device, quick, steps, fwd_model, size, batch, repeats, fwd["gmacs_per_image"])
+    md = out_dir / "training.md"
+    for task, head, path in plan:
+        results[(task, head)][path.label] = _measure_path(task, head, path, data_dir, steps, extra)
+        rows = [row for (t, h), r in results.items() for row in _step_rows(t, h, r)]
+        ratio_rows = [_ratio_row(t, h, r, device.type) for (t, h), r in results.items()]
+        write_report(
+            md,
+            header,
+            _step_sections(rows, ratio_rows, device.type),
+            *forward_sections,
+            _targets_section(fwd, ratio_rows, on_cpu),
+        )
+    return [md]
+
+
+def _header(
+    device: torch.device,
+    quick: bool,
+    steps: int,
+    fwd_model: str,
+    size: int,
+    batch: int,
+    repeats: int,
+    gmacs: float,
+) -> str:
     command = "python src/bench.py suites=[training]" + (" quick=true" if quick else "")
+    peak = (
+        "the process's resident-set high-water mark during the fit above its size at the start "
+        "of the fit"
+        if device.type == "cpu"
+        else "torch.cuda.max_memory_allocated during the fit (weights, optimizer state, "
+        "activations)"
+    )
     notes = [
-        f"Training steps: {backbone}, the shapes recipe of each task (64x64 images, its batch), "
+        f"Device: {device.type}"
+        + (
+            ""
+            if device.type == "cpu"
+            else " (trainer=gpu; fp32 matrix products in TF32, as src/train.py sets them)"
+        )
+        + ".",
+        f"Training steps: pvt_tiny, the shapes recipe of each task (64x64 images, its batch), "
         f"median of {steps} timed steps after 1 warm-up; `first step` includes compilation. "
         "Each step in a fresh process with `src/train.py`'s allocator setting "
-        "(`reuse_freed_memory`) unless its path says otherwise. Peak memory: the process's "
-        "resident-set high-water mark during the fit above its size at the start of the fit.",
+        f"(`reuse_freed_memory`) unless its path says otherwise. Peak memory: {peak}.",
         f"Forward: {fwd_model} classifier at {size}x{size}, batch {batch}, eval, no grad, median "
         f"of {repeats} taken in turns with the other paths and the matmuls; GMACs per image "
         f"{gmacs:.2f} (attention products included).",
-        "Targets (issue 10) are ratios taken in this one run; they are reported, not asserted. "
-        "A loaded machine shifts every figure: see the load average above. Ceiling: the "
-        "ratio no software could beat on this machine: the forward at the large matmul's GMAC "
-        "rate (compile, fp32), every operation as much faster in bf16 as the matmul is (bf16), "
-        "a training step whose time outside the library kernels is zero (compile ceiling).",
+        "Targets (issue 10, set for the 2-core CPU) are ratios taken in this one run; they are "
+        "reported, not asserted. A loaded machine shifts every figure: see the load average "
+        "above. Ceiling: the ratio no software could beat on this machine: the forward at the "
+        "large matmul's GMAC rate (compile, fp32), every operation as much faster in bf16 as "
+        "the matmul is (bf16), a training step whose time outside the library kernels is zero "
+        "(compile ceiling, CPU only).",
     ]
     if quick:
         notes.insert(
             0,
             "Quick run: tiny data, few steps; the figures show that each path works, not its speed.",
         )
-    md = write_report(
-        out_dir / "training.md",
-        report_header("Training benchmark", command, notes),
+    return report_header("Training benchmark", command, notes)
+
+
+def _step_sections(rows: list[tuple], ratio_rows: list[tuple], device: str) -> str:
+    eager, compiled = COMPILED_STEP[device]
+    steps = markdown_table(
+        ["task", "head", "backbone", "batch", "path", "img/s", "step ms", "first step s",
+         "peak MiB"],
+        rows,
+    )  # fmt: skip
+    ratios = markdown_table(
+        [
+            "task",
+            "head",
+            "library-kernel share (eager fp32)",
+            "compile ceiling",
+            "library-kernel share (compiled)",
+            "ceiling from the compiled step",
+            "reused memory / default malloc",
+            "bf16 / fp32",
+            "compiled / eager",
+            "compile target",
+        ],
+        ratio_rows,
+    )
+    return (
         "## Training step per task and head\n\n"
-        + markdown_table(
-            [
-                "task",
-                "head",
-                "backbone",
-                "batch",
-                "path",
-                "img/s",
-                "step ms",
-                "first step s",
-                "peak MiB",
-            ],
-            rows,
-        ),
-        "## Training-step ratios (> 1: faster than eager fp32)\n\n"
-        "Library-kernel share: the part of one profiled eager fp32 step's CPU time spent in "
+        + steps
+        + "\n## Training-step ratios (> 1: faster than eager fp32)\n\n"
+        f"`compiled / eager`: {compiled.label} against {eager.label}. "
+        "Library-kernel share (CPU): the part of one profiled eager fp32 step's CPU time spent in "
         "oneDNN / MKL matrix products and convolutions and the fused attention "
         "(`pvtlab.bench.steps.LIBRARY_OPS`). torch.compile fuses what lies around those "
         "kernels, not the kernels, so the compile ceiling 1 / share is the most it could gain "
         "even if everything else took no time. The same share of one profiled compiled step "
         "says how much of it is still outside those kernels (inductor's own kernels, the "
         "optimizer, copies, dispatch); its ceiling, the eager step over the compiled step's "
-        "library-kernel time, is the bound with the kernels as compile calls them.\n\n"
+        "library-kernel time, is the bound with the kernels as compile calls them.\n\n" + ratios
+    )
+
+
+def _forward_sections(
+    fwd: dict[str, Any],
+    allocator: dict[str, tuple[float, float]],
+    cnn: dict[str, tuple[float, float]],
+    optimizer_s: dict[str, float],
+    fwd_model: str,
+    size: int,
+    batch: int,
+    matmul: int,
+    cnn_name: str,
+    cnn_size: int,
+) -> list[str]:
+    gmacs = fwd["gmacs_per_image"]
+    paths = {k: v for k, v in fwd.items() if k not in (MATMUL, MATMUL_BF16, "gmacs_per_image")}
+    mm_rows = [(f"{k} {matmul}x{matmul}x{matmul}", None, fwd[k]) for k in (MATMUL, MATMUL_BF16)]
+    loop_s = optimizer_s[next(iter(OPTIMIZER_PATHS))]
+    sections = [
+        "## Forward fast paths\n\n"
         + markdown_table(
-            [
-                "task",
-                "head",
-                "library-kernel share (eager fp32)",
-                "compile ceiling",
-                "library-kernel share (compiled)",
-                "ceiling from the compiled step",
-                "reused memory / default malloc",
-                "bf16 / fp32",
-                "compiled / eager",
-                "compile target",
-            ],
-            ratio_rows,
+            ["path", "img/s", "GMAC/s"], [(k, v, v * gmacs) for k, v in paths.items()] + mm_rows
         ),
-        "## Forward fast paths\n\n" + markdown_table(["path", "img/s", "GMAC/s"], fwd_rows),
-        f"## Optimizer step (AdamW over {backbone}'s parameters, median of steps taken in turns)\n\n"
+        "## Optimizer step (AdamW over pvt_tiny's parameters, median of steps taken in turns)\n\n"
         + markdown_table(
             ["implementation", "step ms", "speed-up vs loop"],
             [(k, 1000 * v, loop_s / v) for k, v in optimizer_s.items()],
         ),
-        f"## Host allocator ({fwd_model}, {size}x{size}, batch {batch}, fused attention, fp32, "
-        "a fresh process each)\n\n"
-        "glibc hands every block above its mmap threshold (32 MiB at most) back to the system "
-        "when freed, so the next pass faults its pages in again; `reuse_freed_memory` keeps "
-        "them (`pvtlab.utils.allocator`).\n\n"
-        + markdown_table(
-            ["allocator", "forward img/s", "vs default", "forward + backward img/s", "vs default"],
-            [
-                (k, f, _ratio(f, base_f), fb, _ratio(fb, base_fb))
-                for k, (f, fb) in allocator.items()
-            ],
-        ),
-        f"## channels_last for CNN baselines ({cnn_name}, {cnn_size}x{cnn_size}, batch {batch})\n\n"
-        "`backbone.memory_format=channels_last`, the default of the CNN baselines' configs.\n\n"
+    ]
+    if allocator:
+        base_f, base_fb = allocator[next(iter(ALLOCATORS))]  # glibc's default
+        sections.append(
+            f"## Host allocator ({fwd_model}, {size}x{size}, batch {batch}, fused attention, "
+            "fp32, a fresh process each)\n\n"
+            "glibc hands every block above its mmap threshold (32 MiB at most) back to the "
+            "system when freed, so the next pass faults its pages in again; "
+            "`reuse_freed_memory` keeps them (`pvtlab.utils.allocator`).\n\n"
+            + markdown_table(
+                [
+                    "allocator",
+                    "forward img/s",
+                    "vs default",
+                    "forward + backward img/s",
+                    "vs default",
+                ],
+                [
+                    (k, f, _ratio(f, base_f), fb, _ratio(fb, base_fb))
+                    for k, (f, fb) in allocator.items()
+                ],
+            )
+        )
+    base_fwd, base_step = cnn["contiguous"]
+    sections.append(
+        f"## channels_last for CNN baselines ({cnn_name}, {cnn_size}x{cnn_size}, batch {batch})"
+        "\n\n`backbone.memory_format=channels_last`, the default of the CNN baselines' configs."
+        "\n\n"
         + markdown_table(
             [
                 "memory format",
@@ -400,12 +526,32 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
                 "train step img/s",
                 "vs contiguous",
             ],
-            [
-                (k, fwd_, fwd_ / cnn["contiguous"][0], step, step / cnn["contiguous"][1])
-                for k, (fwd_, step) in cnn.items()
-            ],
-        ),
-        "## Targets\n\n"
-        + markdown_table(["ratio", "measured", "target", "ceiling", "verdict"], target_rows),
+            [(k, f, f / base_fwd, s, s / base_step) for k, (f, s) in cnn.items()],
+        )
     )
-    return [md]
+    return sections
+
+
+def _targets_section(fwd: dict[str, Any], ratio_rows: list[tuple], on_cpu: bool) -> str:
+    gmacs = fwd["gmacs_per_image"]
+    ref, compiled = fwd[REFERENCE], fwd.get(COMPILED)
+    # What no software could beat here: the forward at the large matmul's rate (fp32), every
+    # operation as much faster in bf16 as the matmul is.
+    fp32_ceiling = _ratio(fwd[MATMUL], ref * gmacs)
+    bf16_ceiling = _ratio(fwd[MATMUL_BF16], fwd[MATMUL])
+    rows = [
+        ("compiled (compile=true) vs reference-attention eager, fp32 forward", _ratio(compiled, ref), TARGET_COMPILE_FWD, fp32_ceiling),
+        ("bf16 autocast vs fp32, eager fused forward", _ratio(fwd[EAGER_BF16], fwd[EAGER_FP32]), TARGET_BF16_FWD, bf16_ceiling),
+        ("bf16 autocast vs fp32, forward compiled with frozen weights (eval.py compile=true)", _ratio(fwd.get(FROZEN_BF16), fwd.get(FROZEN_FP32)), TARGET_BF16_FWD, bf16_ceiling),
+        ("compiled fp32 (compile=true) GMAC/s vs large fp32 matmul GMAC/s", _ratio(compiled and compiled * gmacs, fwd[MATMUL]), TARGET_MATMUL_SHARE, 1.0),
+    ]  # fmt: skip
+    rows += [
+        (f"training step compiled vs eager: {task}/{head}", comp_ratio, TARGET_COMPILE_STEP,
+         ceiling)
+        for task, head, _, ceiling, _, _, _, _, comp_ratio, _ in ratio_rows
+    ]  # fmt: skip
+    rows = [(*r, None if r[1] is None else ("met" if r[1] >= r[2] else "missed")) for r in rows]
+    where = "" if on_cpu else " (set for the 2-core CPU; on this GPU for comparison)"
+    return f"## Targets{where}\n\n" + markdown_table(
+        ["ratio", "measured", "target", "ceiling", "verdict"], rows
+    )

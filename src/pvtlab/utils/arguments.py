@@ -19,11 +19,17 @@ from typing import Any
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-# Keys the pipeline reads and removes before a group's `_target_` is called, and the arguments it
-# passes itself.
+# Fields of a group's config that describe the choice rather than being constructor arguments:
+# the pipeline reads and removes them before the group's `_target_` is called.
+# `static_shapes`: the GPU trainer presets read it (cuDNN benchmark mode).
+TASK_META = ("kind", "monitor", "monitor_mode", "static_shapes")
+# `masks`: the head trains on instance masks (data configs read it); `optim`: the head's released
+# optimizer values (task configs read them, e.g. task.optimizer.lr: ${oc.select:head.optim.lr,...}).
+HEAD_META = ("kind", "features_only", "masks", "optim")
+# ... and with them the arguments the pipeline passes itself.
 PIPELINE_KEYS = {
-    "task": ("kind", "monitor", "monitor_mode", "model", "model_config"),
-    "head": ("kind", "features_only", "masks", "optim", "backbone", "num_classes"),
+    "task": (*TASK_META, "model", "model_config"),
+    "head": (*HEAD_META, "backbone", "num_classes"),
 }
 HYDRA_KEYS = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")
 
