@@ -100,3 +100,18 @@ def test_gpu_trainers_use_cudnn_benchmark_only_where_shapes_repeat(
     benchmark mode would re-time its algorithms at each one."""
     cfg = compose_config([f"trainer={trainer}", f"task={task}"], output_dir=tmp_path / "run")
     assert cfg.trainer.benchmark is benchmark
+
+
+def test_progress_bar_can_be_switched_off_from_the_trainer(tmp_path: Path) -> None:
+    """`trainer.enable_progress_bar=false` drops the callbacks group's progress bar, which
+    Lightning would otherwise refuse beside it."""
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from pvtlab.pipeline import build_trainer
+
+    def bars(overrides: list[str]) -> list[object]:
+        trainer = build_trainer(compose_config(overrides, output_dir=tmp_path / "run"))
+        return [c for c in trainer.callbacks if isinstance(c, ProgressBar)]
+
+    assert bars([])  # the default group shows one
+    assert bars(["trainer.enable_progress_bar=false"]) == []

@@ -15,7 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
@@ -112,6 +112,8 @@ def build_trainer(cfg: DictConfig, resume_from: str | None = None) -> L.Trainer:
     ]
     if not loggers:  # Lightning refuses a LearningRateMonitor with nothing to log to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    if not cfg.trainer.get("enable_progress_bar", True):  # nor a progress bar it was told to hide
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 

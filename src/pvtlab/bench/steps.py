@@ -175,7 +175,7 @@ def measure_training_step(
                 "+trainer.limit_val_batches=0",
                 "trainer.num_sanity_val_steps=0",
                 "+trainer.enable_checkpointing=false",
-                "+trainer.enable_progress_bar=false",
+                "trainer.enable_progress_bar=false",
                 "trainer.enable_model_summary=false",
                 f"compile={str(compile).lower()}",
                 *extra,
