@@ -275,11 +275,12 @@ def _measure_path(
                 **kwargs,
             )  # fmt: skip
         torch._dynamo.reset()  # each compiled head starts as in a fresh process
-        return measure_training_step(task, head, "pvt_tiny", data_dir, **kwargs)
+        try:
+            return measure_training_step(task, head, "pvt_tiny", data_dir, **kwargs)
+        finally:
+            gc.collect()  # the fitted run's loader workers go with it, not at some later step
     except Exception as error:
         return failure(error)
-    finally:
-        gc.collect()  # the fitted run's loader workers go with it, not at some later step
 
 
 def _step_rows(task: str, head: str, results: dict[str, StepResult | str]) -> list[tuple]:
