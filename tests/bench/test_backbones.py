@@ -18,7 +18,9 @@ def test_quick_run_writes_tables_and_plot(tmp_path: Path) -> None:
         assert heading in text
     assert "python src/bench.py suites=[backbones] quick=true`" in text
     rows = [line for line in text.splitlines() if line.startswith("| pvt_tiny")]
-    assert len(rows) >= 4  # fused and reference at two sizes, plus the comparison rows
+    assert len(rows) >= 6  # fused and reference at two sizes and in bf16, plus the comparisons
+    assert "| pvt_tiny | 64x96 | 1 | features | bf16 | fused (SDPA) |" in text
+    assert "| pvt_tiny | 64x96 x1 bf16 |" in text  # bf16's fused / reference ratios
     assert "| 224 | 3.82 |" in text  # PVT-Small GMACs at 224
 
 

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from pvtlab.bench import data, detectors, runner, training
-from pvtlab.bench.steps import HEADS
+from pvtlab.bench.steps import HEADS, StepResult
 
 
 def test_runner_lists_every_suite() -> None:
@@ -106,8 +106,9 @@ def test_training_quick_covers_every_head_and_path(tmp_path: Path) -> None:
     for heading in (*headings, "## Targets"):
         assert heading in text
     targets = text.split("## Targets")[1].strip().splitlines()[2:]  # below the header rows
-    assert len(targets) == 4 + len(HEADS)  # four forward ratios, one per training step
+    assert len(targets) == 5 + len(HEADS)  # five forward ratios, one per training step
     assert targets[0].startswith("| compiled (compile=true) vs reference-attention eager")
+    assert targets[1].startswith("| compiled with frozen weights (eval.py compile=true) vs ref")
     for row in targets:  # each with what this machine allows at most, from the same run
         assert float(row.split("|")[4]) > 0, row
 
@@ -125,6 +126,31 @@ def test_step_paths_compile_what_users_run_on_each_device() -> None:
     assert not any(p.profile for p in gpu)
     # quick runs (the tests) compile the classifier only
     assert not any(p.compiled for p in training.step_paths("cpu", "detection", "detr", quick=True))
+
+
+def test_compile_ratio_pools_the_steps_of_processes_taken_in_turns() -> None:
+    """Runs of one path become one row: the median of all their timed steps, the first run's
+    compile time and memory; the per-pair ratios give the spread a single pair would hide."""
+
+    def run(times: list[float], first: float = 1.0) -> StepResult:
+        median = sorted(times)[len(times) // 2]
+        return StepResult(4, 4 / median, median, first, 100.0, None, times)
+
+    eager = [run([0.30, 0.31, 0.32]), run([0.40, 0.41], first=2.0)]
+    row = training.pooled(eager)
+    assert row.step_s == pytest.approx(0.32)  # median of the five steps, not of the two medians
+    assert row.images_per_s == pytest.approx(4 / 0.32)
+    assert row.first_step_s == 1.0 and row.step_times_s == [0.30, 0.31, 0.32, 0.40, 0.41]
+    assert training.pooled(["failed: x", eager[1]]).first_step_s == 2.0
+    assert training.pooled(["failed: x", "failed: y"]) == "failed: x"
+
+    compiled = [run([0.20, 0.20, 0.20]), run([0.50, 0.50, 0.50])]
+    runs = {"fp32": eager, "fp32 compiled": compiled}
+    assert training._per_process_ratios(runs, "cpu") == "0.82-1.55"  # 0.41/0.50, 0.31/0.20
+    assert (
+        training._per_process_ratios({"fp32": eager[:1], "fp32 compiled": compiled[:1]}, "cpu")
+        is None
+    )
 
 
 @pytest.mark.slow

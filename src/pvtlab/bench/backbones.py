@@ -5,7 +5,9 @@ GMACs against input size (paper Figure 6).
 
 Throughput: images per second, forward (eval, no grad) and forward + backward (train mode, the
 mean of the outputs as loss); median of repeats after a warm-up. 224 x 224 at batch 32 runs the
-classifiers; 800 x 1333 at batch 1 runs the ``features_only`` backbones (detection inputs).
+classifiers; 800 x 1333 at batch 1 runs the ``features_only`` backbones (detection inputs), on a
+GPU also in bf16 autocast at batch 1 and 2 (mmdetection's images per GPU), the precision
+`trainer=gpu` trains in.
 Peak memory: see :class:`pvtlab.bench.PeakMemory`; in the full run every configuration is
 measured in its own process with glibc's mmap threshold fixed at 128 KiB, so freed tensors leave
 the resident set and its high-water mark is the peak the pass needs above the model and inputs;
@@ -57,6 +59,7 @@ class Config:
     # Untimed forward + backward runs per path before timing: a process that keeps freed memory
     # pays its page faults in the first pass only, which would fall on whichever path goes first.
     warmup_bwd: int = 1
+    precision: str = "fp32"  # or "bf16": the passes under bf16 autocast
 
     @property
     def variants(self) -> tuple[bool, ...]:
@@ -95,13 +98,17 @@ def measure(cfg: Config, *, memory: bool = True, timing: bool = True) -> list[di
         out = model(x)
         return out if isinstance(out, list | tuple) else [out]
 
+    def autocast() -> torch.autocast:
+        return torch.autocast(device.type, torch.bfloat16, enabled=cfg.precision == "bf16")
+
     def forward() -> None:
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             outputs()
 
     def forward_backward() -> None:
         model.zero_grad(set_to_none=True)
-        loss = sum(o.float().mean() for o in outputs())
+        with autocast():
+            loss = sum(o.float().mean() for o in outputs())
         loss.backward()
 
     results = {fused: {"fused": fused} for fused in cfg.variants}
@@ -162,20 +169,26 @@ def _run_worker(cfg: Config, env: dict[str, str], **what: bool) -> list[dict[str
 
 
 def _plan(quick: bool, device: torch.device) -> list[Config]:
-    if quick:
-        settings = [(32, 32, 2, False), (64, 96, 1, True)]
+    if quick:  # bf16 too, so that the tests run its code path
+        settings = [
+            (32, 32, 2, False, "fp32"),
+            (64, 96, 1, True, "fp32"),
+            (64, 96, 1, True, "bf16"),
+        ]
         names = ("pvt_tiny", *BASELINES)
         reps = dict(repeats_fwd=1, repeats_bwd=1)
     else:
-        settings = [(224, 224, 32, False), (800, 1333, 1, True)]
+        settings = [(224, 224, 32, False, "fp32"), (800, 1333, 1, True, "fp32")]
         names = (*PVT, *BASELINES)
         if device.type == "cpu":
             reps = dict(repeats_fwd=3, repeats_bwd=1, warmup_fwd=1)
         else:  # milliseconds a pass: more repeats cost little and steady the median
             reps = dict(repeats_fwd=20, repeats_bwd=10, warmup_fwd=3, warmup_bwd=3)
+            # Detection as trained on a GPU: bf16 (flash attention), 1 and 2 images
+            settings += [(800, 1333, 1, True, "bf16"), (800, 1333, 2, True, "bf16")]
     return [
-        Config(name, h, w, batch, features_only, **reps)
-        for h, w, batch, features_only in settings
+        Config(name, h, w, batch, features_only, precision=precision, **reps)
+        for h, w, batch, features_only, precision in settings
         for name in names
     ]
 
@@ -235,6 +248,7 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
             f"{cfg.height}x{cfg.width}",
             cfg.batch,
             "features" if cfg.features_only else "classifier",
+            cfg.precision,
             attention_label(cfg.name, r["fused"]),
             r["fwd_img_s"],
             r["fwdbwd_img_s"],
@@ -250,6 +264,7 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
             "input",
             "batch",
             "output",
+            "precision",
             "attention",
             "fwd img/s",
             "fwd+bwd img/s",
@@ -270,7 +285,7 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
         compare_rows.append(
             (
                 cfg.name,
-                f"{cfg.height}x{cfg.width} x{cfg.batch}",
+                f"{cfg.height}x{cfg.width} x{cfg.batch} {cfg.precision}",
                 ratio(fused["fwd_img_s"], ref["fwd_img_s"]),
                 ratio(fused["fwdbwd_img_s"], ref["fwdbwd_img_s"]),
                 fused["fwd_peak_mib"],

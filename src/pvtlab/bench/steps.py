@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +133,7 @@ class StepResult:
     first_step_s: float  # includes compilation when compiled
     peak_mib: float | None
     library_share: float | None = None  # see StepProfiler; measured when asked for
+    step_times_s: list[float] = field(default_factory=list)  # the timed steps (step_s: median)
 
 
 def measure_training_step(
@@ -197,7 +198,9 @@ def measure_training_step(
         batch = int(cfg.data.batch_size)
     timed = timer.times[warmup : warmup + steps] or timer.times
     step = statistics.median(timed)
-    return StepResult(batch, batch / step, step, timer.times[0], peak.mib, profiler.library_share)
+    return StepResult(
+        batch, batch / step, step, timer.times[0], peak.mib, profiler.library_share, list(timed)
+    )
 
 
 def measure_training_step_in_fresh_process(
