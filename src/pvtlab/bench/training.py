@@ -59,8 +59,9 @@ DEFAULT_MALLOC_HEADS = ("linear", "retinanet", "semantic_fpn")
 DEFAULT_MALLOC = "fp32, glibc default malloc"
 # On the CPU the eager and compiled steps of the compile ratio run in this many fresh processes
 # each, taken in turns (eager, compiled, eager, ...), their timed steps pooled: on this machine
-# one process runs 5-10% faster or slower than the next (the same eager step: 287-330 ms over
-# four processes), which a single pair reads as a gain or a loss from compiling.
+# one process often runs 5-10% faster or slower than the next, at times much more (the same
+# eager step: 287-330 ms over four processes; a compiled Trans2Seg step 258 vs 366 ms), which a
+# single pair reads as a gain or a loss from compiling.
 COMPILE_RATIO_ROUNDS = 3
 
 
@@ -457,7 +458,7 @@ def _header(
         + (
             f" The compile ratio's two steps (fp32, fp32 compiled) ran in {COMPILE_RATIO_ROUNDS} "
             "processes each, taken in turns, their timed steps pooled (`processes`): one "
-            "process may run 5-10% off the next on this machine."
+            "process often runs 5-10% off the next on this machine, at times more."
             if device.type == "cpu" and not quick
             else ""
         ),
