@@ -12,6 +12,7 @@ import yaml
 
 from pvtlab.bench import data, detectors, runner, training
 from pvtlab.bench.steps import HEADS, StepResult
+from tests.bench.test_plots import png_size
 
 
 def test_runner_lists_every_suite() -> None:
@@ -60,8 +61,9 @@ def test_shapes_ap_gathers_one_job_sweeps_and_the_newest_wins(tmp_path: Path) ->
 
 @pytest.mark.slow
 def test_detectors_quick(tmp_path: Path) -> None:
-    (md,) = detectors.run(tmp_path, quick=True, log_dir=tmp_path / "outputs")
+    md, png = detectors.run(tmp_path, quick=True, log_dir=tmp_path / "outputs")
     text = md.read_text()
+    assert png_size(png)[0] > 0 and f"![Detector latency and AP]({png.name})" in text
     assert "python src/bench.py suites=[detectors] quick=true" in text
     for head in (
         "| retinanet | pvt_tiny |",
@@ -75,8 +77,9 @@ def test_detectors_quick(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_training_quick_covers_every_head_and_path(tmp_path: Path) -> None:
-    (md,) = training.run(tmp_path, quick=True)
+    md, png = training.run(tmp_path, quick=True)
     text = md.read_text()
+    assert png_size(png)[0] > 0 and f"![Training-step ratios and forward paths]({png.name})" in text
     for task, head in HEADS:
         assert f"| {task} | {head} | pvt_tiny |" in text
     assert text.count("| bf16 autocast |") == len(HEADS)  # bf16 autocast on CPU, every task
@@ -105,7 +108,8 @@ def test_training_quick_covers_every_head_and_path(tmp_path: Path) -> None:
     )
     for heading in (*headings, "## Targets"):
         assert heading in text
-    targets = text.split("## Targets")[1].strip().splitlines()[2:]  # below the header rows
+    table = [line for line in text.split("## Targets")[1].splitlines() if line.startswith("|")]
+    targets = table[2:]  # below the header rows
     assert len(targets) == 5 + len(HEADS)  # five forward ratios, one per training step
     assert targets[0].startswith("| compiled (compile=true) vs reference-attention eager")
     assert targets[1].startswith("| compiled with frozen weights (eval.py compile=true) vs ref")
@@ -155,8 +159,9 @@ def test_compile_ratio_pools_the_steps_of_processes_taken_in_turns() -> None:
 
 @pytest.mark.slow
 def test_data_quick(tmp_path: Path) -> None:
-    (md,) = data.run(tmp_path, quick=True)
+    md, png = data.run(tmp_path, quick=True)
     text = md.read_text()
+    assert png_size(png)[0] > 0 and f"![Loaders vs training step]({png.name})" in text
     for module in ("ImageFolderDataModule", "CocoDataModule", "ADE20KDataModule"):
         assert f"| {module} |" in text
     assert "loader / step" in text

@@ -36,6 +36,7 @@ from pvtlab.bench import (
     time_interleaved,
     write_report,
 )
+from pvtlab.bench.plots import new_figure, save_figure
 from pvtlab.utils.allocator import reuse_freed_memory
 from pvtlab.utils.numerics import use_fast_float32_matmuls
 
@@ -205,12 +206,7 @@ def _gmacs_table(sizes: list[int]) -> dict[str, list[float]]:
 
 
 def _plot(sizes: list[int], gmacs: dict[str, list[float]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, (ax,) = new_figure()
     for (label, values), marker in zip(gmacs.items(), "os^", strict=False):
         ax.plot(sizes, values, marker=marker, label=label)
     ax.set_xlabel("input size (square, pixels)")
@@ -218,10 +214,7 @@ def _plot(sizes: list[int], gmacs: dict[str, list[float]], path: Path) -> Path:
     ax.set_title("Compute vs input scale (paper Figure 6)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def run(out_dir: Path, quick: bool) -> list[Path]:

@@ -19,6 +19,7 @@ from typing import Any
 from hydra.utils import instantiate
 
 from pvtlab.bench import bench_device, markdown_table, report_header, write_report
+from pvtlab.bench.plots import bar_chart, new_figure, save_figure
 from pvtlab.bench.steps import QUICK_DATA, compose_run, measure_training_step
 
 __all__ = ["count_images", "loader_images_per_s", "run"]
@@ -83,19 +84,40 @@ def loader_images_per_s(
     return (seen / seconds if seconds > 0 and seen else float("nan")), settings
 
 
+def _plot(rates: Mapping[str, tuple[float, float]], path: Path) -> Path:
+    """Loader and training-step images/s (`rates`, by DataModule), with the loader's target
+    (3x the step)."""
+    loader, step = ([pair[i] for pair in rates.values()] for i in (0, 1))
+    fig, (ax,) = new_figure()
+    bar_chart(
+        ax,
+        list(rates),
+        {
+            "training loader": loader,
+            "PVT-Tiny training step": step,
+            f"target: {TARGET_LOADER_RATIO:g}x the step": [TARGET_LOADER_RATIO * s for s in step],
+        },
+        ylabel="images / s",
+        title="Training loaders vs the step they feed",
+        log=True,
+    )
+    return save_figure(fig, path)
+
+
 def run(out_dir: Path, quick: bool) -> list[Path]:
-    """Run the suite; write ``data.md`` into `out_dir`."""
+    """Run the suite; write ``data.md`` and ``data.png`` into `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data_dir = out_dir / ".shapes" if quick else Path(os.environ.get("PVTLAB_DATA", "data"))
     extra = QUICK_DATA if quick else ()
     images = 16 if quick else 2048  # many rounds of every worker
-    rows = []
+    rows, rates = [], {}
     for task, head, module in KINDS:
         rate, settings = loader_images_per_s(task, data_dir, images, extra)
         step = measure_training_step(
             task, head, "pvt_tiny", data_dir, steps=1 if quick else 4, extra=extra
         )
+        rates[module] = (rate, step.images_per_s)
         ratio = rate / step.images_per_s
         verdict = "met" if ratio >= TARGET_LOADER_RATIO else "missed"
         rows.append(
@@ -119,6 +141,7 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
         notes.insert(
             0, "Quick run: tiny data, few batches; figures show the path works, not its speed."
         )
+    png = _plot(rates, out_dir / "data.png")
     md = write_report(
         out_dir / "data.md",
         report_header("Data benchmark", command, notes),
@@ -138,6 +161,7 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
                 "verdict",
             ],
             rows,
-        ),
+        )
+        + f"\n![Loaders vs training step]({png.name})\n",
     )
-    return [md]
+    return [md, png]

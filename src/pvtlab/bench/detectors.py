@@ -25,6 +25,7 @@ from pvtlab.bench import (
     time_interleaved,
     write_report,
 )
+from pvtlab.bench.plots import bar_chart, new_figure, save_figure
 from pvtlab.bench.steps import compose_run
 
 __all__ = ["latency_ms", "run", "shapes_ap"]
@@ -106,9 +107,47 @@ def shapes_ap(log_dir: Path) -> dict[tuple[str, int], float]:
     return found
 
 
+def _plot(
+    plan: tuple[tuple[Any, ...], ...],
+    latencies: dict[tuple[Any, ...], dict[str, float] | str],
+    ap: dict[tuple[str, int], float],
+    path: Path,
+) -> Path:
+    """Latency per detector in each precision; beside it, where the table11_speed_smoke sweep
+    gave AP, RetinaNet's AP on shapes against its fp32 latency (the trade-off of Table 11)."""
+    retinanet_ap = []
+    for row in plan:
+        head, backbone, side, _ = row
+        ms = latencies[row]
+        if head == "retinanet" and (backbone, side) in ap and isinstance(ms, dict):
+            retinanet_ap.append((f"{backbone}@{side}", ms["fp32"], 100 * ap[(backbone, side)]))
+    fig, axes = new_figure(panels=2 if retinanet_ap else 1)
+    labels = [f"{head} {backbone}@{side}" for head, backbone, side, _ in plan]
+    cells = [latencies[row] for row in plan]  # a dict by precision, or a failure message
+    bar_chart(
+        axes[0],
+        labels,
+        {p: [ms[p] if isinstance(ms, dict) else ms for ms in cells] for p in PRECISIONS},
+        ylabel="ms / image (batch 1)",
+        title="Detector latency",
+    )
+    if retinanet_ap:
+        ax = axes[1]
+        for label, ms, value in retinanet_ap:
+            ax.scatter(ms, value)
+            ax.annotate(label, (ms, value), textcoords="offset points", xytext=(4, 4))
+        ax.set_xlabel("ms / image, fp32 (COCO-sized input)")
+        ax.set_ylabel("test AP on shapes (%)")
+        ax.set_title("RetinaNet: AP vs latency (Table 11)")
+        ax.margins(0.2)  # room for the labels right of the points
+        ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
 def run(out_dir: Path, quick: bool, log_dir: Path = Path("outputs")) -> list[Path]:
-    """Run the suite; write ``detectors.md`` into `out_dir`."""
+    """Run the suite; write ``detectors.md`` and ``detectors.png`` into `out_dir`."""
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     device = bench_device()
     plan = QUICK if quick else FULL
     # a GPU runs an image in tens of milliseconds: more repeats steady the median
@@ -188,4 +227,6 @@ def run(out_dir: Path, quick: bool, log_dir: Path = Path("outputs")) -> list[Pat
             "## Ratio (paper: PVT-S at 640 is faster than ResNet50 at 800)\n\n"
             + markdown_table(["ratio", "pvtlab", "paper"], ratio_rows)
         )
-    return [write_report(out_dir / "detectors.md", *sections)]
+    png = _plot(plan, latencies, ap, out_dir / "detectors.png")
+    sections.append(f"![Detector latency and AP]({png.name})\n")
+    return [write_report(out_dir / "detectors.md", *sections), png]

@@ -39,6 +39,7 @@ from pvtlab.bench import (
     write_report,
 )
 from pvtlab.bench.backbones import Config, time_in_fresh_process
+from pvtlab.bench.plots import bar_chart, new_figure, save_figure
 from pvtlab.bench.steps import (
     HEADS,
     QUICK_DATA,
@@ -73,6 +74,15 @@ EAGER_BF16 = "eager fused attention, bf16 autocast"
 COMPILED = "compiled, fp32 (train.py compile=true)"
 FROZEN_FP32 = "compiled with frozen weights, fp32 (eval.py compile=true)"
 FROZEN_BF16 = "compiled with frozen weights, bf16 autocast (eval.py compile=true)"
+# The forward paths as the plot's axis names them.
+SHORT_NAMES = {
+    REFERENCE: "eager, reference attn",
+    EAGER_FP32: "eager fp32",
+    EAGER_BF16: "eager bf16",
+    COMPILED: "compile=true fp32",
+    FROZEN_FP32: "frozen compile fp32",
+    FROZEN_BF16: "frozen compile bf16",
+}
 
 
 @dataclass(frozen=True)
@@ -372,7 +382,8 @@ def _ratio_row(
 
 
 def run(out_dir: Path, quick: bool) -> list[Path]:
-    """Run the suite; write ``training.md`` into `out_dir` (rewritten after each step path)."""
+    """Run the suite; write ``training.md`` and ``training.png`` into `out_dir` (rewritten
+    after each step path)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data_dir = out_dir / ".shapes" if quick else Path(os.environ.get("PVTLAB_DATA", "data"))
@@ -415,14 +426,48 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
         runs[(task, head)].setdefault(path.label, []).append(result)
         rows = [row for (t, h), r in runs.items() for row in _step_rows(t, h, r)]
         ratio_rows = [_ratio_row(t, h, r, device.type) for (t, h), r in runs.items()]
+        png = _plot(ratio_rows, fwd, device.type, out_dir / "training.png")
         write_report(
             md,
             header,
             _step_sections(rows, ratio_rows, device.type),
             *forward_sections,
             _targets_section(fwd, ratio_rows, on_cpu),
+            f"![Training-step ratios and forward paths]({png.name})\n",
         )
-    return [md]
+    return [md, png]
+
+
+def _plot(ratio_rows: list[tuple], fwd: dict[str, Any], device: str, path: Path) -> Path:
+    """Left: each head's training step under bf16 autocast and compiled, as speed-ups over
+    eager, with the compile target. Right: the forward paths' images/s, with the compile
+    target (1.4x the reference-attention eager path)."""
+    eager, compiled = COMPILED_STEP[device]
+    fig, (steps, forward) = new_figure(panels=2)
+    bar_chart(
+        steps,
+        [f"{row[0]}/{row[1]}" for row in ratio_rows],
+        {
+            "bf16 autocast / fp32": [row[7] for row in ratio_rows],
+            f"{compiled.label} / {eager.label}": [row[8] for row in ratio_rows],
+        },
+        ylabel="speed-up over the eager step",
+        title="Training step (pvt_tiny, shapes recipes)",
+        reference=(TARGET_COMPILE_STEP, f"compile target {TARGET_COMPILE_STEP:g}x"),
+    )
+    paths = [p for p in SHORT_NAMES if p in fwd]
+    bar_chart(
+        forward,
+        [SHORT_NAMES[p] for p in paths],
+        {"forward img/s": [fwd[p] for p in paths]},
+        ylabel="images / s",
+        title="Forward paths (classifier, eval)",
+        reference=(
+            TARGET_COMPILE_FWD * fwd[REFERENCE],
+            f"compile target {TARGET_COMPILE_FWD:g}x reference",
+        ),
+    )
+    return save_figure(fig, path)
 
 
 def _header(
