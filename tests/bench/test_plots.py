@@ -73,3 +73,28 @@ def test_data_and_training_plots(tmp_path: Path) -> None:
     fwd = {training.REFERENCE: 16.0, training.EAGER_FP32: 14.9, training.EAGER_BF16: 29.1}
     width, height = png_size(training._plot(ratio_rows, fwd, "cpu", tmp_path / "training.png"))
     assert width > 1.5 * height  # two panels side by side
+
+
+def test_bar_chart_keeps_the_legend_off_the_bars(tmp_path: Path) -> None:
+    """The training plot's case: tall bars at both ends, a target line, long legend entries."""
+    heads = ["classification/linear", "detection/retinanet", "detection/mask_rcnn"]
+    heads += ["detection/detr", "segmentation/semantic_fpn", "segmentation/trans2seg"]
+    for log in (False, True):
+        fig, (ax,) = new_figure()
+        bar_chart(
+            ax,
+            heads,
+            {
+                "bf16 autocast / fp32": [1.75, 1.19, 1.01, 1.02, 1.53, 1.30],
+                "fp32 compiled / fp32": [1.02, 1.0, 1.03, 1.0, 1.05, 1.04],
+            },
+            ylabel="speed-up over the eager step",
+            title="t",
+            log=log,
+            reference=(1.3, "compile target 1.3x"),
+        )
+        fig.tight_layout()
+        fig.canvas.draw()
+        legend = ax.get_legend().get_window_extent()
+        assert not any(legend.overlaps(bar.get_window_extent()) for bar in ax.patches), log
+        save_figure(fig, tmp_path / f"legend_{log}.png")

@@ -72,4 +72,7 @@ def bar_chart(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize="small")
+    # headroom above the tallest bar, where the legend goes rather than over a bar
+    bottom, top = ax.get_ylim()
+    ax.set_ylim(bottom, top * 4 if log else top * 1.35)
+    ax.legend(fontsize="small", loc="upper right")
