@@ -67,8 +67,10 @@ def test_data_and_training_plots(tmp_path: Path) -> None:
     rates = {"ImageFolderDataModule": (1661.0, 113.0), "CocoDataModule": (331.0, 30.1)}
     assert png_size(data._plot(rates, tmp_path / "data.png"))[0] > 0
     ratio_rows = [
-        ("classification", "linear", 0.7, 1.4, 0.7, 1.4, 1.06, 1.24, 1.01, "0.9-1.1", 1.3),
-        ("detection", "detr", 0.4, 2.3, 0.4, 2.5, None, 1.18, None, None, 1.3),
+        training.RatioRow(
+            "classification", "linear", 0.7, 1.4, 0.7, 1.4, 1.06, 1.24, 1.01, "0.9-1.1", 1.3
+        ),
+        training.RatioRow("detection", "detr", 0.4, 2.3, 0.4, 2.5, None, 1.18, None, None, 1.3),
     ]
     fwd = {training.REFERENCE: 16.0, training.EAGER_FP32: 14.9, training.EAGER_BF16: 29.1}
     width, height = png_size(training._plot(ratio_rows, fwd, "cpu", tmp_path / "training.png"))

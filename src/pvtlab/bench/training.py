@@ -26,7 +26,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -48,7 +48,7 @@ from pvtlab.bench.steps import (
     measure_training_step_in_fresh_process,
 )
 
-__all__ = ["StepPath", "forward_fast_paths", "run", "step_paths"]
+__all__ = ["RatioRow", "StepPath", "forward_fast_paths", "run", "step_paths"]
 
 # Targets of issue 10 (ratios in one run on the 2-core CPU; reported, never asserted).
 TARGET_COMPILE_FWD = 1.4  # compiled vs reference-attention eager forward
@@ -353,9 +353,25 @@ def _per_process_ratios(runs: dict[str, list[StepResult | str]], device: str) ->
     return f"{min(ratios):.3g}-{max(ratios):.3g}" if len(ratios) > 1 else None
 
 
+class RatioRow(NamedTuple):
+    """A row of the training-step ratio table, in its column order (None: not measured)."""
+
+    task: str
+    head: str
+    library_share: float | None  # of one profiled eager fp32 step (CPU)
+    compile_ceiling: float | None  # 1 / library_share
+    compiled_library_share: float | None
+    compiled_ceiling: float | None  # the eager step over the compiled step's library time
+    reused_vs_default_malloc: float | None
+    bf16_speedup: float | None  # bf16 autocast over fp32
+    compile_speedup: float | None  # COMPILED_STEP's compiled path over its eager one
+    compile_speedup_per_pair: str | None  # min-max over the process pairs
+    compile_target: float
+
+
 def _ratio_row(
     task: str, head: str, runs: dict[str, list[StepResult | str]], device: str
-) -> tuple[Any, ...]:
+) -> RatioRow:
     results = {label: pooled(r) for label, r in runs.items()}
 
     def get(label: str) -> StepResult | None:
@@ -366,7 +382,7 @@ def _ratio_row(
     fp32, bf16, malloc = get(FP32.label), get(BF16.label), get(DEFAULT_MALLOC)
     eager, compiled = get(eager_path.label), get(compiled_path.label)
     share = fp32 and fp32.library_share
-    return (
+    return RatioRow(
         task,
         head,
         share,
@@ -438,7 +454,7 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
     return [md, png]
 
 
-def _plot(ratio_rows: list[tuple], fwd: dict[str, Any], device: str, path: Path) -> Path:
+def _plot(ratio_rows: list[RatioRow], fwd: dict[str, Any], device: str, path: Path) -> Path:
     """Left: each head's training step under bf16 autocast and compiled, as speed-ups over
     eager, with the compile target. Right: the forward paths' images/s, with the compile
     target (1.4x the reference-attention eager path)."""
@@ -446,10 +462,10 @@ def _plot(ratio_rows: list[tuple], fwd: dict[str, Any], device: str, path: Path)
     fig, (steps, forward) = new_figure(panels=2)
     bar_chart(
         steps,
-        [f"{row[0]}/{row[1]}" for row in ratio_rows],
+        [f"{row.task}/{row.head}" for row in ratio_rows],
         {
-            "bf16 autocast / fp32": [row[7] for row in ratio_rows],
-            f"{compiled.label} / {eager.label}": [row[8] for row in ratio_rows],
+            "bf16 autocast / fp32": [row.bf16_speedup for row in ratio_rows],
+            f"{compiled.label} / {eager.label}": [row.compile_speedup for row in ratio_rows],
         },
         ylabel="speed-up over the eager step",
         title="Training step (pvt_tiny, shapes recipes)",
@@ -526,7 +542,7 @@ def _header(
     return report_header("Training benchmark", command, notes)
 
 
-def _step_sections(rows: list[tuple], ratio_rows: list[tuple], device: str) -> str:
+def _step_sections(rows: list[tuple], ratio_rows: list[RatioRow], device: str) -> str:
     eager, compiled = COMPILED_STEP[device]
     steps = markdown_table(
         ["task", "head", "backbone", "batch", "path", "img/s", "step ms", "first step s",
@@ -633,7 +649,7 @@ def _forward_sections(
     return sections
 
 
-def _targets_section(fwd: dict[str, Any], ratio_rows: list[tuple], on_cpu: bool) -> str:
+def _targets_section(fwd: dict[str, Any], ratio_rows: list[RatioRow], on_cpu: bool) -> str:
     gmacs = fwd["gmacs_per_image"]
     ref, compiled = fwd[REFERENCE], fwd.get(COMPILED)
     # What no software could beat here: the forward at the large matmul's rate (fp32), every
@@ -648,9 +664,9 @@ def _targets_section(fwd: dict[str, Any], ratio_rows: list[tuple], on_cpu: bool)
         ("compiled fp32 (compile=true) GMAC/s vs large fp32 matmul GMAC/s", _ratio(compiled and compiled * gmacs, fwd[MATMUL]), TARGET_MATMUL_SHARE, 1.0),
     ]  # fmt: skip
     rows += [
-        (f"training step compiled vs eager: {task}/{head}", comp_ratio, TARGET_COMPILE_STEP,
-         ceiling)
-        for task, head, _, ceiling, _, _, _, _, comp_ratio, _, _ in ratio_rows
+        (f"training step compiled vs eager: {r.task}/{r.head}", r.compile_speedup,
+         r.compile_target, r.compile_ceiling)
+        for r in ratio_rows
     ]  # fmt: skip
     rows = [(*r, None if r[1] is None else ("met" if r[1] >= r[2] else "missed")) for r in rows]
     where = "" if on_cpu else " (set for the 2-core CPU; on this GPU for comparison)"
