@@ -99,6 +99,16 @@ def test_training_quick_covers_every_head_and_path(tmp_path: Path) -> None:
     assert 0 < compiled_share <= 1
     assert compiled_ceiling == pytest.approx(speedup / compiled_share, rel=0.02)
     assert "failed" not in text
+    attention = [
+        line.split("|")
+        for line in text.split("## Attention kernels")[1].split("##")[0].splitlines()
+        if line.startswith("| ") and not line.startswith("| stage")
+    ]
+    assert len(attention) == 4 * 2 * 2  # pvt_tiny's stages x (fp32, bf16) x (forward, backward)
+    for row in attention:  # both kernels timed; on the CPU bf16 takes the explicit product
+        assert float(row[5]) > 0 and float(row[6]) > 0
+        assert row[8].strip() == ("explicit" if row[3].strip() == "bfloat16" else "SDPA")
+    assert "| eager fused attention, bf16 autocast, SDPA throughout |" in text
     headings = (
         "Training-step ratios",
         "Forward fast paths",

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
+from unittest import mock
 
 import torch
 
@@ -38,6 +39,7 @@ from pvtlab.bench import (
     time_interleaved,
     write_report,
 )
+from pvtlab.bench.attention import attention_kernels, attention_section
 from pvtlab.bench.backbones import Config, time_in_fresh_process
 from pvtlab.bench.plots import bar_chart, new_figure, save_figure
 from pvtlab.bench.steps import (
@@ -71,6 +73,7 @@ MATMUL_BF16 = "bf16 matmul"
 REFERENCE = "eager reference attention, fp32"
 EAGER_FP32 = "eager fused attention, fp32"
 EAGER_BF16 = "eager fused attention, bf16 autocast"
+EAGER_BF16_SDPA = "eager fused attention, bf16 autocast, SDPA throughout"
 COMPILED = "compiled, fp32 (train.py compile=true)"
 FROZEN_FP32 = "compiled with frozen weights, fp32 (eval.py compile=true)"
 FROZEN_BF16 = "compiled with frozen weights, bf16 autocast (eval.py compile=true)"
@@ -79,6 +82,7 @@ SHORT_NAMES = {
     REFERENCE: "eager, reference attn",
     EAGER_FP32: "eager fp32",
     EAGER_BF16: "eager bf16",
+    EAGER_BF16_SDPA: "eager bf16, SDPA",
     COMPILED: "compile=true fp32",
     FROZEN_FP32: "frozen compile fp32",
     FROZEN_BF16: "frozen compile bf16",
@@ -133,7 +137,7 @@ def forward_fast_paths(
     MATMUL, MATMUL_BF16), all timed in turns so that their ratios hold on a machine whose
     speed drifts. Compiled: as `src/train.py` compiles and as `src/eval.py` does (weights
     frozen in, `pvtlab.tasks.base.FROZEN_WEIGHTS`). `device`: `bench_device()` by default."""
-    from pvtlab.models import count_gmacs, create_backbone
+    from pvtlab.models import count_gmacs, create_backbone, pvt
     from pvtlab.tasks.base import FROZEN_WEIGHTS, frozen_weight_compilation
 
     device = device or bench_device()
@@ -145,9 +149,13 @@ def forward_fast_paths(
     a, b = torch.randn(matmul, matmul, device=device), torch.randn(matmul, matmul, device=device)
     a16, b16 = a.bfloat16(), b.bfloat16()
 
-    def run(forward: Any, fused: bool = True, bf16: bool = False) -> Any:
+    def run(forward: Any, fused: bool = True, bf16: bool = False, sdpa_only: bool = False) -> Any:
         model.fused_attn = fused
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        explicit_max = 0 if sdpa_only else pvt.CPU_EXPLICIT_ATTENTION_MAX_SCORES
+        with (
+            mock.patch.object(pvt, "CPU_EXPLICIT_ATTENTION_MAX_SCORES", explicit_max),
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
+        ):
             return forward(x)
 
     def frozen(forward: Any, bf16: bool) -> Any:
@@ -159,6 +167,8 @@ def forward_fast_paths(
         EAGER_FP32: lambda: run(model),
         EAGER_BF16: lambda: run(model, bf16=True),
     }
+    if device.type == "cpu":  # where the fused path takes the explicit product (bf16)
+        paths[EAGER_BF16_SDPA] = lambda: run(model, bf16=True, sdpa_only=True)
     if compile:  # both compiled on the fused path
         compiled = torch.compile(model)
         compiled_frozen = torch.compile(model, options=FROZEN_WEIGHTS)
@@ -425,6 +435,8 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
     forward_sections = _forward_sections(
         fwd, allocator, cnn, optimizer_s, fwd_model, size, batch, mm, cnn_name, cnn_size
     )
+    attention = attention_kernels(fwd_model, size, batch, repeats=1 if quick else 9)
+    forward_sections.insert(1, attention_section(attention, fwd_model, size, batch))
 
     # Every eager step before the first compiled one: a run stopped during compilation (a
     # minute or more a head) still has the whole eager table.
@@ -525,7 +537,9 @@ def _header(
         ),
         f"Forward: {fwd_model} classifier at {size}x{size}, batch {batch}, eval, no grad, median "
         f"of {repeats} taken in turns with the other paths and the matmuls; GMACs per image "
-        f"{gmacs:.2f} (attention products included).",
+        f"{gmacs:.2f} (attention products included). Fused attention is SDPA except on the CPU "
+        "in bf16, where it is the explicit product while the score tensor is small (the "
+        "attention table); `SDPA throughout` turns that choice off.",
         "Targets (issue 10, set for the 2-core CPU) are ratios taken in this one run; they are "
         "reported, not asserted. A loaded machine shifts every figure: see the load average "
         "above. Ceiling: the ratio no software could beat on this machine: the forward at the "

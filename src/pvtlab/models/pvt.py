@@ -21,8 +21,9 @@ Where this implementation departs from the release, on purpose:
 * Position embeddings are resized bilinearly (``align_corners=False``) to each stage's own grid;
   stage 4's class-token slot is kept apart. The release compared every stage against stage 1's
   token count and crashed at 448 and 896.
-* Attention runs through ``F.scaled_dot_product_attention``; ``fused_attn=False`` selects the
-  explicit-softmax path (the release's arithmetic), kept for tests and benchmarks.
+* Attention runs through ``F.scaled_dot_product_attention``, except on the CPU in bf16 with a
+  small score tensor, where the explicit product is faster (`explicit_attention_is_faster`);
+  ``fused_attn=False`` selects the explicit-softmax path (the release's arithmetic) everywhere.
 * Feature extraction (``features_only=True`` or ``prune_intermediate_layers``) removes the class
   token, the final norm and the head (the dense-prediction models take the four stage maps
   without them, and the release's detectors load its checkpoints ignoring those keys): stage 4
@@ -60,8 +61,18 @@ __all__ = [
     "PyramidVisionTransformer",
     "SpatialReductionAttention",
     "checkpoint_filter_fn",
+    "explicit_attention",
+    "explicit_attention_is_faster",
     "resize_pos_embed",
 ]
+
+# SDPA's CPU flash kernel in bf16 trails the explicit softmax product while the score tensor
+# (batch x heads x queries x keys) is small, as SRA's few keys keep it: at PVT-Small 224 x 32
+# (2^22.2 scores in stage 1) the explicit product took 0.43-0.75x SDPA's time in inference and
+# 0.23-0.51x with its backward, by stage, on the 2-core CPU. Past about 2^23 scores, writing and re-reading
+# them costs more than the flash kernel's blocking and SDPA wins again (1.6x at 2^25). The
+# training benchmark's attention table measures both per stage. 0 keeps SDPA throughout.
+CPU_EXPLICIT_ATTENTION_MAX_SCORES = 2**23
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -92,6 +103,24 @@ def resize_pos_embed(
     grid = F.interpolate(grid, size=tuple(dst_size), mode="bilinear", align_corners=False)
     grid = grid.flatten(2).transpose(1, 2)
     return torch.cat((prefix, grid), dim=1) if num_prefix_tokens else grid
+
+
+def explicit_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(head_dim)) v`` written out (the release's arithmetic), with
+    dropout `dropout_p` on the weights: `F.scaled_dot_product_attention`'s result."""
+    attn = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(dim=-1)
+    return F.dropout(attn, dropout_p) @ v if dropout_p else attn @ v
+
+
+def explicit_attention_is_faster(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the explicit softmax product beats SDPA for queries `q` and keys `k`
+    (``[batch, heads, tokens, head_dim]``): on the CPU, in bf16, with at most
+    `CPU_EXPLICIT_ATTENTION_MAX_SCORES` scores."""
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16:
+        return False
+    return q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= CPU_EXPLICIT_ATTENTION_MAX_SCORES
 
 
 class PatchEmbed(nn.Module):
@@ -127,7 +156,6 @@ class SpatialReductionAttention(nn.Module):
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim**-0.5
         self.sr_ratio = sr_ratio
         self.fused_attn = fused_attn
 
@@ -157,15 +185,9 @@ class SpatialReductionAttention(nn.Module):
         kv = self.kv(kv_in).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)
 
-        if self.fused_attn:
-            x = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0
-            )
-        else:
-            attn = (q @ k.transpose(-2, -1)) * self.scale
-            attn = self.attn_drop(attn.softmax(dim=-1))
-            x = attn @ v
-
+        fused = self.fused_attn and not explicit_attention_is_faster(q, k)
+        attend = F.scaled_dot_product_attention if fused else explicit_attention
+        x = attend(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
 
@@ -250,7 +272,8 @@ class PyramidVisionTransformer(nn.Module):
             pos_drop_rate / proj_drop_rate / attn_drop_rate: dropout after the position
                 embedding, after the attention / MLP projections, on the attention weights.
             drop_path_rate: stochastic depth, ramped linearly from 0 over all blocks.
-            fused_attn: ``F.scaled_dot_product_attention`` if True, explicit softmax if False.
+            fused_attn: ``F.scaled_dot_product_attention`` if True (the explicit product where
+                `explicit_attention_is_faster`), explicit softmax if False.
         """
         super().__init__()
         num_stages = len(depths)
