@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from pvtlab.bench import attention as attention_bench
 from pvtlab.bench import data, detectors, runner, training
 from pvtlab.bench.steps import HEADS, StepResult
 from tests.bench.test_plots import png_size
@@ -100,15 +101,18 @@ def test_training_quick_covers_every_head_and_path(tmp_path: Path) -> None:
     assert compiled_ceiling == pytest.approx(speedup / compiled_share, rel=0.02)
     assert "failed" not in text
     attention = [
-        line.split("|")
+        [cell.strip() for cell in line.split("|")]
         for line in text.split("## Attention kernels")[1].split("##")[0].splitlines()
-        if line.startswith("| ") and not line.startswith("| stage")
+        if line.startswith("| pvt_tiny")
     ]
     assert len(attention) == 4 * 2 * 2  # pvt_tiny's stages x (fp32, bf16) x (forward, backward)
     for row in attention:  # both kernels timed; on the CPU bf16 takes the explicit product
-        assert float(row[5]) > 0 and float(row[6]) > 0
-        assert row[8].strip() == ("explicit" if row[3].strip() == "bfloat16" else "SDPA")
+        assert float(row[7]) > 0 and float(row[8]) > 0
+        assert row[10] == ("explicit" if row[5] == "bfloat16" else "SDPA")
     assert "| eager fused attention, bf16 autocast, SDPA throughout |" in text
+    passes = text.split("## Training pass by attention kernel")[1].split("##")[0]
+    for label in attention_bench.PASSES:
+        assert f"| {label} |" in passes
     headings = (
         "Training-step ratios",
         "Forward fast paths",

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 
 import pvtlab  # noqa: F401  (registers the models)
-from pvtlab.models import PyramidVisionTransformer, count_gmacs, count_macs, pvt
+from pvtlab.models import PyramidVisionTransformer, count_gmacs, count_macs
 from tests.models import release_reference as rr
 
 PVT = ("pvt_tiny", "pvt_small", "pvt_medium", "pvt_large")
@@ -162,48 +160,6 @@ def test_fused_attention_matches_explicit_softmax(tiny: PyramidVisionTransformer
     torch.testing.assert_close(fused, reference, atol=1e-5, rtol=0)
     model = timm.create_model("pvt_tiny", fused_attn=False)
     assert not model.fused_attn
-
-
-def _sdpa_calls(model: torch.nn.Module, x: torch.Tensor, bf16: bool, explicit_max: int) -> int:
-    """How many attention calls of `model(x)` went to SDPA, with the explicit product allowed
-    up to `explicit_max` scores."""
-    with (
-        mock.patch.object(pvt, "CPU_EXPLICIT_ATTENTION_MAX_SCORES", explicit_max),
-        mock.patch.object(F, "scaled_dot_product_attention", wraps=F.scaled_dot_product_attention)
-        as sdpa,
-        torch.no_grad(),
-        torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
-    ):  # fmt: skip
-        model(x)
-    return sdpa.call_count
-
-
-def test_cpu_bf16_attention_is_explicit_only_while_the_scores_are_few(
-    tiny: PyramidVisionTransformer,
-) -> None:
-    # batch x heads x queries x keys: 2 x 1 x 256 x 4, 2 x 2 x 64 x 4, 2 x 5 x 16 x 4 and, with
-    # the class token, 2 x 8 x 5 x 5 = 400 scores in stage 4 (two blocks a stage)
-    x = torch.randn(2, 3, 64, 64)
-    blocks = sum(isinstance(m, pvt.SpatialReductionAttention) for m in tiny.modules())  # 8
-    assert _sdpa_calls(tiny, x, bf16=True, explicit_max=2**23) == 0
-    assert _sdpa_calls(tiny, x, bf16=True, explicit_max=400) == 6  # stage 4 still explicit
-    assert _sdpa_calls(tiny, x, bf16=True, explicit_max=399) == blocks
-    assert _sdpa_calls(tiny, x, bf16=False, explicit_max=2**23) == blocks  # fp32: SDPA
-
-
-def test_cpu_bf16_explicit_attention_matches_sdpa(tiny: PyramidVisionTransformer) -> None:
-    x = torch.randn(2, 3, 97, 131)
-    outputs = []
-    for explicit_max in (2**23, 0):
-        with (
-            mock.patch.object(pvt, "CPU_EXPLICIT_ATTENTION_MAX_SCORES", explicit_max),
-            torch.no_grad(),
-            torch.autocast("cpu", dtype=torch.bfloat16),
-        ):
-            outputs.append(tiny(x).float())
-    explicit, sdpa = outputs
-    torch.testing.assert_close(explicit, sdpa, atol=0.05, rtol=0.05)
-    assert (explicit - sdpa).abs().max() > 0  # the two kernels did run: bf16 rounds them apart
 
 
 def test_intermediates_and_features_agree(tiny: PyramidVisionTransformer) -> None:

@@ -1,9 +1,12 @@
-"""SDPA against the explicit softmax product at the attention shapes of a PVT classifier: the
-measurement behind `pvtlab.models.pvt.explicit_attention_is_faster`, which picks the explicit
-product on the CPU in bf16 while the score tensor is small."""
+"""SDPA against the explicit softmax product at the attention shapes of PVT: the measurement
+behind `pvtlab.models.attention.explicit_attention_is_faster`, which picks the explicit product
+on the CPU in bf16 while the score tensor is small, and that choice's effect on a whole training
+pass."""
 
 from __future__ import annotations
 
+import math
+from contextlib import nullcontext
 from typing import Any, NamedTuple
 
 import torch
@@ -11,11 +14,46 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from pvtlab.bench import bench_device, markdown_table, time_interleaved
+from pvtlab.models.attention import (
+    explicit_attention,
+    explicit_attention_is_faster,
+    explicit_attention_limit,
+)
 
-__all__ = ["AttentionRow", "attention_kernels", "attention_section", "attention_shapes"]
+__all__ = [
+    "AttentionRow",
+    "AttentionSetting",
+    "attention_kernels",
+    "attention_section",
+    "attention_shapes",
+    "training_pass_section",
+    "training_passes",
+]
+
+KERNELS = {"SDPA": F.scaled_dot_product_attention, "explicit": explicit_attention}
+# Training passes of `training_passes`: label -> (bf16 autocast, SDPA throughout).
+PASSES = {
+    "fp32": (False, True),
+    "bf16 autocast, SDPA throughout": (True, True),
+    "bf16 autocast, explicit product where faster (default)": (True, False),
+}
+
+
+class AttentionSetting(NamedTuple):
+    """A PVT model on a batch of square images: whose attention shapes are measured."""
+
+    name: str
+    size: int
+    batch: int
+    features_only: bool = False  # the dense-prediction backbone (no class token)
+
+    def __str__(self) -> str:
+        kind = "backbone" if self.features_only else "classifier"
+        return f"{self.name} {kind}, {self.size}x{self.size}, batch {self.batch}"
 
 
 class AttentionRow(NamedTuple):
+    setting: AttentionSetting
     stage: int
     shape: tuple[int, int, int, int, int]  # batch, heads, queries, keys, head_dim
     dtype: str
@@ -38,25 +76,29 @@ class _RecordAttention(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def attention_shapes(name: str, size: int, batch: int) -> list[tuple[int, int, int, int, int]]:
-    """(batch, heads, queries, keys, head_dim) of each distinct attention call, in stage order, of
-    classifier `name` on a `batch` of `size` x `size` images (traced on the meta device)."""
+def _model(setting: AttentionSetting) -> torch.nn.Module:
     from pvtlab.models import create_backbone
 
+    return create_backbone(setting.name, features_only=setting.features_only, img_size=setting.size)
+
+
+def attention_shapes(setting: AttentionSetting) -> list[tuple[int, int, int, int, int]]:
+    """(batch, heads, queries, keys, head_dim) of each distinct attention call of `setting`'s
+    model, in stage order (traced on the meta device, where every call goes to SDPA)."""
     with torch.device("meta"):
-        model = create_backbone(name, features_only=False, img_size=size).eval()
+        model = _model(setting).eval()
         recorder = _RecordAttention()
         with recorder, torch.no_grad():
-            model(torch.empty(batch, 3, size, size))
+            model(torch.empty(setting.batch, 3, setting.size, setting.size))
     shapes = [(*queries[:3], keys, queries[3]) for queries, keys in recorder.shapes]
     return list(dict.fromkeys(shapes))  # one per stage: its blocks share the shape
 
 
 def _time_kernels(
-    kernels: dict[str, Any], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool,
-    repeats: int, device: torch.device,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool, repeats: int,
+    device: torch.device,
 ) -> dict[str, float]:  # fmt: skip
-    """Median seconds of each kernel on (q, k, v), with the gradients of all three if
+    """Median seconds of each of `KERNELS` on (q, k, v), with the gradients of all three if
     `backward`, the kernels timed in turns."""
     inputs = [t.detach().requires_grad_(backward) for t in (q, k, v)]
     grad_out = torch.randn_like(q)
@@ -65,51 +107,76 @@ def _time_kernels(
         out = kernel(*inputs)
         return torch.autograd.grad(out, inputs, grad_out) if backward else out
 
-    paths = {label: (lambda kernel=kernel: call(kernel)) for label, kernel in kernels.items()}
+    paths = {label: (lambda kernel=kernel: call(kernel)) for label, kernel in KERNELS.items()}
     with torch.set_grad_enabled(backward):
         return time_interleaved(paths, warmup=2, repeats=repeats, device=device)
 
 
 def attention_kernels(
-    name: str, size: int, batch: int, repeats: int, device: torch.device | None = None
+    setting: AttentionSetting, repeats: int, device: torch.device | None = None
 ) -> list[AttentionRow]:
     """Milliseconds of SDPA and of the explicit product at each stage's attention shape of
-    classifier `name`, in fp32 and bf16, forward alone and with its backward (gradients of
-    queries, keys and values)."""
-    from pvtlab.models.pvt import explicit_attention, explicit_attention_is_faster
-
+    `setting`, in fp32 and bf16, forward alone and with its backward (gradients of queries,
+    keys and values)."""
     device = device or bench_device()
-    kernels = {"SDPA": F.scaled_dot_product_attention, "explicit": explicit_attention}
     rows = []
-    for stage, shape in enumerate(attention_shapes(name, size, batch), 1):
+    for stage, shape in enumerate(attention_shapes(setting), 1):
         b, heads, queries, keys, head_dim = shape
         for dtype in (torch.float32, torch.bfloat16):
             q = torch.randn(b, heads, queries, head_dim, device=device, dtype=dtype)
             k, v = (torch.randn(b, heads, keys, head_dim, device=device, dtype=dtype) for _ in "kv")
             taken = "explicit" if explicit_attention_is_faster(q, k) else "SDPA"
             for backward in (False, True):
-                seconds = _time_kernels(kernels, q, k, v, backward, repeats, device)
-                dtype_name = str(dtype).removeprefix("torch.")
+                seconds = _time_kernels(q, k, v, backward, repeats, device)
                 sdpa_ms, explicit_ms = 1000 * seconds["SDPA"], 1000 * seconds["explicit"]
+                dtype_name = str(dtype).removeprefix("torch.")
                 rows.append(
-                    AttentionRow(stage, shape, dtype_name, backward, sdpa_ms, explicit_ms, taken)
+                    AttentionRow(
+                        setting, stage, shape, dtype_name, backward, sdpa_ms, explicit_ms, taken
+                    )
                 )
     return rows
 
 
-def attention_section(rows: list[AttentionRow], name: str, size: int, batch: int) -> str:
+def training_passes(
+    setting: AttentionSetting, repeats: int, device: torch.device | None = None
+) -> dict[str, float]:
+    """Images per second of a forward + backward pass of `setting`'s model along each of
+    `PASSES`, timed in turns."""
+    device = device or bench_device()
+    torch.manual_seed(0)
+    model = _model(setting).train().to(device)
+    x = torch.randn(setting.batch, 3, setting.size, setting.size, device=device)
+
+    def step(bf16: bool, sdpa_only: bool) -> None:
+        with (
+            explicit_attention_limit(0) if sdpa_only else nullcontext(),
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
+        ):
+            out = model(x)
+        sum(o.float().sum() for o in (out if isinstance(out, list | tuple) else [out])).backward()
+        model.zero_grad(set_to_none=True)
+
+    paths = {label: (lambda p=p: step(*p)) for label, p in PASSES.items()}
+    seconds = time_interleaved(paths, warmup=1, repeats=repeats, device=device)
+    return {label: setting.batch / s for label, s in seconds.items()}
+
+
+def attention_section(rows: list[AttentionRow]) -> str:
     """The report's table of `attention_kernels` rows."""
     return (
-        f"## Attention kernels ({name}, {size}x{size}, batch {batch}: each stage's attention)\n\n"
+        "## Attention kernels (each stage's attention)\n\n"
         "SDPA (`F.scaled_dot_product_attention`) against the explicit softmax product "
-        "(`pvtlab.models.pvt.explicit_attention`), median of runs taken in turns. "
-        "`taken`: the kernel `SpatialReductionAttention` runs there with `fused_attn=True` "
-        "(the explicit product on the CPU in bf16 for at most "
-        "`CPU_EXPLICIT_ATTENTION_MAX_SCORES` scores, `pvtlab.models.pvt`).\n\n"
+        "(`pvtlab.models.attention.explicit_attention`), median of runs taken in turns. "
+        "`taken`: the kernel pvtlab's attention runs there (`pvtlab.models.attention.attention`: "
+        "the explicit product on the CPU in bf16 for at most "
+        "`CPU_EXPLICIT_ATTENTION_MAX_SCORES` scores, SDPA elsewhere).\n\n"
         + markdown_table(
             [
+                "model and input",
                 "stage",
                 "batch x heads x queries x keys x head_dim",
+                "scores",
                 "dtype",
                 "pass",
                 "SDPA ms",
@@ -119,8 +186,10 @@ def attention_section(rows: list[AttentionRow], name: str, size: int, batch: int
             ],
             [
                 (
+                    str(r.setting),
                     r.stage,
                     " x ".join(map(str, r.shape)),
+                    f"2^{math.log2(math.prod(r.shape[:4])):.1f}",
                     r.dtype,
                     "forward + backward" if r.backward else "forward",
                     r.sdpa_ms,
@@ -130,5 +199,16 @@ def attention_section(rows: list[AttentionRow], name: str, size: int, batch: int
                 )
                 for r in rows
             ],
+        )
+    )
+
+
+def training_pass_section(passes: dict[str, float], setting: AttentionSetting) -> str:
+    """The report's table of `training_passes`."""
+    fp32 = passes[next(iter(PASSES))]
+    return (
+        f"## Training pass by attention kernel ({setting}, forward + backward)\n\n"
+        + markdown_table(
+            ["pass", "img/s", "vs fp32"], [(k, v, v / fp32) for k, v in passes.items()]
         )
     )

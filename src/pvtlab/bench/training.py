@@ -24,10 +24,10 @@ import gc
 import os
 import statistics
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
-from unittest import mock
 
 import torch
 
@@ -39,7 +39,13 @@ from pvtlab.bench import (
     time_interleaved,
     write_report,
 )
-from pvtlab.bench.attention import attention_kernels, attention_section
+from pvtlab.bench.attention import (
+    AttentionSetting,
+    attention_kernels,
+    attention_section,
+    training_pass_section,
+    training_passes,
+)
 from pvtlab.bench.backbones import Config, time_in_fresh_process
 from pvtlab.bench.plots import bar_chart, new_figure, save_figure
 from pvtlab.bench.steps import (
@@ -137,7 +143,8 @@ def forward_fast_paths(
     MATMUL, MATMUL_BF16), all timed in turns so that their ratios hold on a machine whose
     speed drifts. Compiled: as `src/train.py` compiles and as `src/eval.py` does (weights
     frozen in, `pvtlab.tasks.base.FROZEN_WEIGHTS`). `device`: `bench_device()` by default."""
-    from pvtlab.models import count_gmacs, create_backbone, pvt
+    from pvtlab.models import count_gmacs, create_backbone
+    from pvtlab.models.attention import explicit_attention_limit
     from pvtlab.tasks.base import FROZEN_WEIGHTS, frozen_weight_compilation
 
     device = device or bench_device()
@@ -151,9 +158,8 @@ def forward_fast_paths(
 
     def run(forward: Any, fused: bool = True, bf16: bool = False, sdpa_only: bool = False) -> Any:
         model.fused_attn = fused
-        explicit_max = 0 if sdpa_only else pvt.CPU_EXPLICIT_ATTENTION_MAX_SCORES
         with (
-            mock.patch.object(pvt, "CPU_EXPLICIT_ATTENTION_MAX_SCORES", explicit_max),
+            explicit_attention_limit(0) if sdpa_only else nullcontext(),
             torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
         ):
             return forward(x)
@@ -435,8 +441,7 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
     forward_sections = _forward_sections(
         fwd, allocator, cnn, optimizer_s, fwd_model, size, batch, mm, cnn_name, cnn_size
     )
-    attention = attention_kernels(fwd_model, size, batch, repeats=1 if quick else 9)
-    forward_sections.insert(1, attention_section(attention, fwd_model, size, batch))
+    forward_sections[1:1] = _attention_sections(quick, fwd_model, size, batch)
 
     # Every eager step before the first compiled one: a run stopped during compilation (a
     # minute or more a head) still has the whole eager table.
@@ -464,6 +469,17 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
             f"![Training-step ratios and forward paths]({png.name})\n",
         )
     return [md, png]
+
+
+def _attention_sections(quick: bool, fwd_model: str, size: int, batch: int) -> list[str]:
+    """The attention kernels at the forward paths' shapes and, beyond the bf16 explicit
+    product's limit, at a segmentation crop; a training pass by attention kernel."""
+    classifier = AttentionSetting(fwd_model, size, batch)
+    settings = [classifier] if quick else [classifier, AttentionSetting(fwd_model, 512, 8, True)]
+    repeats = 1 if quick else 5
+    kernels = [row for s in settings for row in attention_kernels(s, repeats)]
+    passes = training_passes(classifier, repeats=1 if quick else 3)
+    return [attention_section(kernels), training_pass_section(passes, classifier)]
 
 
 def _plot(ratio_rows: list[RatioRow], fwd: dict[str, Any], device: str, path: Path) -> Path:

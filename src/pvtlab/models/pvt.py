@@ -22,7 +22,7 @@ Where this implementation departs from the release, on purpose:
   stage 4's class-token slot is kept apart. The release compared every stage against stage 1's
   token count and crashed at 448 and 896.
 * Attention runs through ``F.scaled_dot_product_attention``, except on the CPU in bf16 with a
-  small score tensor, where the explicit product is faster (`explicit_attention_is_faster`);
+  small score tensor, where the explicit product is faster (`pvtlab.models.attention`);
   ``fused_attn=False`` selects the explicit-softmax path (the release's arithmetic) everywhere.
 * Feature extraction (``features_only=True`` or ``prune_intermediate_layers``) removes the class
   token, the final norm and the head (the dense-prediction models take the four stage maps
@@ -54,6 +54,7 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
+from pvtlab.models.attention import attention
 from pvtlab.models.checkpoint import extract_state_dict, load_checkpoint, validated_state_dict
 
 __all__ = [
@@ -61,18 +62,8 @@ __all__ = [
     "PyramidVisionTransformer",
     "SpatialReductionAttention",
     "checkpoint_filter_fn",
-    "explicit_attention",
-    "explicit_attention_is_faster",
     "resize_pos_embed",
 ]
-
-# SDPA's CPU flash kernel in bf16 trails the explicit softmax product while the score tensor
-# (batch x heads x queries x keys) is small, as SRA's few keys keep it: at PVT-Small 224 x 32
-# (2^22.2 scores in stage 1) the explicit product took 0.43-0.75x SDPA's time in inference and
-# 0.23-0.51x with its backward, by stage, on the 2-core CPU. Past about 2^23 scores, writing and re-reading
-# them costs more than the flash kernel's blocking and SDPA wins again (1.6x at 2^25). The
-# training benchmark's attention table measures both per stage. 0 keeps SDPA throughout.
-CPU_EXPLICIT_ATTENTION_MAX_SCORES = 2**23
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -103,24 +94,6 @@ def resize_pos_embed(
     grid = F.interpolate(grid, size=tuple(dst_size), mode="bilinear", align_corners=False)
     grid = grid.flatten(2).transpose(1, 2)
     return torch.cat((prefix, grid), dim=1) if num_prefix_tokens else grid
-
-
-def explicit_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0
-) -> torch.Tensor:
-    """``softmax(q k^T / sqrt(head_dim)) v`` written out (the release's arithmetic), with
-    dropout `dropout_p` on the weights: `F.scaled_dot_product_attention`'s result."""
-    attn = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(dim=-1)
-    return F.dropout(attn, dropout_p) @ v if dropout_p else attn @ v
-
-
-def explicit_attention_is_faster(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether the explicit softmax product beats SDPA for queries `q` and keys `k`
-    (``[batch, heads, tokens, head_dim]``): on the CPU, in bf16, with at most
-    `CPU_EXPLICIT_ATTENTION_MAX_SCORES` scores."""
-    if q.device.type != "cpu" or q.dtype != torch.bfloat16:
-        return False
-    return q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= CPU_EXPLICIT_ATTENTION_MAX_SCORES
 
 
 class PatchEmbed(nn.Module):
@@ -185,9 +158,7 @@ class SpatialReductionAttention(nn.Module):
         kv = self.kv(kv_in).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)
 
-        fused = self.fused_attn and not explicit_attention_is_faster(q, k)
-        attend = F.scaled_dot_product_attention if fused else explicit_attention
-        x = attend(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        x = attention(q, k, v, self.attn_drop.p if self.training else 0.0, fused=self.fused_attn)
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
 
@@ -273,7 +244,7 @@ class PyramidVisionTransformer(nn.Module):
                 embedding, after the attention / MLP projections, on the attention weights.
             drop_path_rate: stochastic depth, ramped linearly from 0 over all blocks.
             fused_attn: ``F.scaled_dot_product_attention`` if True (the explicit product where
-                `explicit_attention_is_faster`), explicit softmax if False.
+                it is faster, `pvtlab.models.attention`), explicit softmax if False.
         """
         super().__init__()
         num_stages = len(depths)

@@ -7,8 +7,8 @@ experiments/trans2seg_design.md; in short:
 1. Encoder. The last pyramid map (stride 32) is flattened into tokens, projected by a linear layer
    to the embedding width, given a learned position embedding (stored as a `pos_grid` grid and
    resized bilinearly to the actual token grid, so any input size works), and passed through
-   `depth` pre-norm transformer blocks (attention via `scaled_dot_product_attention`) and a final
-   LayerNorm.
+   `depth` pre-norm transformer blocks (attention by `pvtlab.models.attention`: SDPA, or the
+   explicit product on the CPU in bf16 where it is faster) and a final LayerNorm.
 2. Decoder. One learned query per class (the class count is the constructor's, nothing is
    hard-coded) goes through `depth - 1` pre-norm blocks of cross-attention to the encoder tokens
    plus an MLP, then a last cross-attention step whose per-head attention logits
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 from torch import Tensor, nn
 
+from pvtlab.models.attention import attention
 from pvtlab.models.heads.semantic_fpn import ConvNormReLU, norm_2d
 
 
@@ -54,7 +55,7 @@ class SelfAttention(nn.Module):
         q, k, v = (
             self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         )
-        x = F.scaled_dot_product_attention(q, k, v)
+        x = attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
