@@ -1,12 +1,15 @@
 """Softmax attention for pvtlab's transformers: SDPA, or the explicit product where it is faster.
 
-SDPA's CPU flash kernel in bf16 trails the explicit softmax product while the score tensor
-(batch x heads x queries x keys) is small, as SRA's few keys keep it: at PVT-Small 224 x 32
-(2^22.2 scores in stage 1) the explicit product took 0.50-0.79x SDPA's time in the forward and
-0.18-0.49x with its backward, by stage, on the 2-core CPU (`python src/bench.py
-suites=[training]`, attention table). With more scores, writing and re-reading them costs more
-than the flash kernel's blocking and SDPA wins again; the same table measures where at
-512 x 512, batch 8. In fp32 neither wins throughout, and SDPA, the smaller in memory, is kept.
+SDPA's CPU flash kernel in bf16 trails the explicit softmax product at PVT's shapes. On the
+2-core CPU (`python src/bench.py suites=[training]`, attention table, 2026-12-05 02:22 UTC) the
+explicit product took 0.48-0.71x SDPA's time in the forward and 0.19-0.49x with its backward
+at PVT-Small 224 x 32 (2^19-2^22 scores a call), 0.54-0.75x and 0.41-0.63x at 512 x 512,
+batch 8 (2^22-2^25). That holds while freed memory is reused (`pvtlab.utils.allocator`, set by
+src/train.py, src/eval.py and src/bench.py): up to 2^27 scores (stage 1 at 800 x 1333, batch 2)
+it still took 0.71-0.75x and 0.57-0.72x. Under glibc's default, every score tensor above its
+mmap threshold is faulted in afresh at each call, and from 2^24 scores SDPA wins (the explicit
+product 1.7-1.8x its time, 1.1-1.4x with the backward). The limit below holds either way. In
+fp32 neither kernel wins throughout, and SDPA, the smaller in memory, is kept.
 """
 
 from __future__ import annotations
