@@ -26,14 +26,10 @@ def tiny() -> torch.nn.Module:
     return timm.create_model("pvt_tiny").eval()
 
 
-def _qkv(dtype: torch.dtype, keys: int = 49) -> tuple[torch.Tensor, ...]:
-    torch.manual_seed(0)
-    q = torch.randn(2, 2, 196, 64, dtype=dtype)
-    return q, torch.randn(2, 2, keys, 64, dtype=dtype), torch.randn(2, 2, keys, 64, dtype=dtype)
-
-
 def test_explicit_product_equals_sdpa_in_fp32() -> None:
-    q, k, v = _qkv(torch.float32)
+    torch.manual_seed(0)
+    q = torch.randn(2, 2, 196, 64)  # batch x heads x queries x head_dim; 49 keys, as SRA's
+    k, v = torch.randn(2, 2, 49, 64), torch.randn(2, 2, 49, 64)
     expected = F.scaled_dot_product_attention(q, k, v)
     torch.testing.assert_close(attention(q, k, v, fused=False), expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(attention(q, k, v), expected)  # fp32: SDPA itself

@@ -6,7 +6,8 @@ pass."""
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any, NamedTuple
 
 import torch
@@ -24,6 +25,7 @@ __all__ = [
     "AttentionRow",
     "AttentionSetting",
     "attention_kernels",
+    "attention_precision",
     "attention_section",
     "attention_shapes",
     "training_pass_section",
@@ -138,6 +140,17 @@ def attention_kernels(
     return rows
 
 
+@contextmanager
+def attention_precision(device: torch.device, bf16: bool, sdpa_only: bool) -> Iterator[None]:
+    """bf16 autocast on `device` if `bf16`; SDPA for every attention call if `sdpa_only` (else
+    pvtlab's choice of kernel)."""
+    with (
+        explicit_attention_limit(0) if sdpa_only else nullcontext(),
+        torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
+    ):
+        yield
+
+
 def training_passes(
     setting: AttentionSetting, repeats: int, device: torch.device | None = None
 ) -> dict[str, float]:
@@ -149,10 +162,7 @@ def training_passes(
     x = torch.randn(setting.batch, 3, setting.size, setting.size, device=device)
 
     def step(bf16: bool, sdpa_only: bool) -> None:
-        with (
-            explicit_attention_limit(0) if sdpa_only else nullcontext(),
-            torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
-        ):
+        with attention_precision(device, bf16, sdpa_only):
             out = model(x)
         sum(o.float().sum() for o in (out if isinstance(out, list | tuple) else [out])).backward()
         model.zero_grad(set_to_none=True)

@@ -24,7 +24,6 @@ import gc
 import os
 import statistics
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -42,6 +41,7 @@ from pvtlab.bench import (
 from pvtlab.bench.attention import (
     AttentionSetting,
     attention_kernels,
+    attention_precision,
     attention_section,
     training_pass_section,
     training_passes,
@@ -144,7 +144,6 @@ def forward_fast_paths(
     speed drifts. Compiled: as `src/train.py` compiles and as `src/eval.py` does (weights
     frozen in, `pvtlab.tasks.base.FROZEN_WEIGHTS`). `device`: `bench_device()` by default."""
     from pvtlab.models import count_gmacs, create_backbone
-    from pvtlab.models.attention import explicit_attention_limit
     from pvtlab.tasks.base import FROZEN_WEIGHTS, frozen_weight_compilation
 
     device = device or bench_device()
@@ -158,10 +157,7 @@ def forward_fast_paths(
 
     def run(forward: Any, fused: bool = True, bf16: bool = False, sdpa_only: bool = False) -> Any:
         model.fused_attn = fused
-        with (
-            explicit_attention_limit(0) if sdpa_only else nullcontext(),
-            torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
-        ):
+        with attention_precision(device, bf16, sdpa_only):
             return forward(x)
 
     def frozen(forward: Any, bf16: bool) -> Any:
