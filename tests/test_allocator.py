@@ -17,7 +17,7 @@ import pytest
 # the fifth); from then on none should.
 PROBE = """
 import json, resource, sys, torch
-from pvtlab.utils.allocator import reuse_freed_memory
+from pvtlab.utils.allocator import freed_memory_is_reused, reuse_freed_memory
 applied = reuse_freed_memory() if sys.argv[1] == "reuse" else False
 faults = []
 for _ in range(10):
@@ -25,7 +25,7 @@ for _ in range(10):
     block = torch.empty(16 * 2**20).fill_(1.0)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     del block
-print(json.dumps({"applied": applied, "faults": faults[-4:]}))
+print(json.dumps({"applied": applied, "reused": freed_memory_is_reused(), "faults": faults[-4:]}))
 """
 PAGES_IN_64_MIB = 64 * 2**20 // 4096
 
@@ -46,18 +46,19 @@ def _probe(mode: str, **env: str) -> dict[str, object]:
 
 def test_default_malloc_faults_every_large_block_in_again() -> None:
     result = _probe("default")
+    assert result["reused"] is False
     assert min(result["faults"]) > PAGES_IN_64_MIB // 2
 
 
 def test_reused_block_faults_no_pages_in() -> None:
     result = _probe("reuse")
-    assert result["applied"] is True
+    assert result["applied"] is True and result["reused"] is True
     assert max(result["faults"]) < PAGES_IN_64_MIB // 20
 
 
 def test_environment_settings_win() -> None:
     result = _probe("reuse", MALLOC_MMAP_THRESHOLD_="131072")
-    assert result["applied"] is False
+    assert result["applied"] is False and result["reused"] is False
     assert min(result["faults"]) > PAGES_IN_64_MIB // 2
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from unittest import mock
 
 import pytest
@@ -14,8 +16,11 @@ import pvtlab.models.attention as attention_module
 from pvtlab.models.attention import (
     CPU_EXPLICIT_ATTENTION_MAX_SCORES,
     attention,
+    cpu_explicit_attention_max_scores,
+    explicit_attention_is_faster,
     explicit_attention_limit,
 )
+from pvtlab.models.heads.detr import Attention as DetrAttention
 from pvtlab.models.heads.trans2seg import SelfAttention
 from pvtlab.models.pvt import SpatialReductionAttention
 
@@ -35,22 +40,84 @@ def test_explicit_product_equals_sdpa_in_fp32() -> None:
     torch.testing.assert_close(attention(q, k, v), expected)  # fp32: SDPA itself
 
 
+def test_explicit_product_applies_boolean_and_additive_masks_as_sdpa() -> None:
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 10, 32), torch.randn(2, 4, 12, 32), torch.randn(2, 4, 12, 32)
+    keep = torch.ones(2, 1, 1, 12, dtype=torch.bool)
+    keep[0, ..., 7:] = False  # the first image's last five keys are padding
+    additive = torch.randn(2, 4, 10, 12)
+    for mask in (keep, additive):
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        explicit = attention(q, k, v, fused=False, attn_mask=mask)
+        torch.testing.assert_close(explicit, expected, atol=1e-5, rtol=0)
+    unmasked = attention(q, k, v, fused=False)
+    assert not torch.allclose(unmasked[0], expected[0], atol=1e-3)  # the mask did act
+
+
 def test_limit_holds_inside_the_block_and_is_restored_after_an_error() -> None:
+    default = cpu_explicit_attention_max_scores()
     with pytest.raises(RuntimeError), explicit_attention_limit(0):
-        assert attention_module.CPU_EXPLICIT_ATTENTION_MAX_SCORES == 0
+        assert cpu_explicit_attention_max_scores() == 0
         raise RuntimeError
-    assert attention_module.CPU_EXPLICIT_ATTENTION_MAX_SCORES == CPU_EXPLICIT_ATTENTION_MAX_SCORES
+    assert cpu_explicit_attention_max_scores() == default
+
+
+@contextmanager
+def _counting_sdpa(bf16: bool) -> Iterator[mock.MagicMock]:
+    """Inference (no grad), in bf16 autocast on the CPU if `bf16`, with SDPA's calls counted by
+    the mock this yields."""
+    with (
+        mock.patch.object(F, "scaled_dot_product_attention", wraps=F.scaled_dot_product_attention)
+        as sdpa,
+        torch.no_grad(),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
+    ):  # fmt: skip
+        yield sdpa
+
+
+def _takes_explicit(queries: tuple, keys: tuple, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """`explicit_attention_is_faster` for tensors of these shapes (CPU; one element allocated)."""
+    q, k = (torch.zeros(1, dtype=dtype).expand(shape) for shape in (queries, keys))
+    return explicit_attention_is_faster(q, k)
+
+
+@pytest.mark.parametrize("reused", [True, False])
+def test_limit_depends_on_whether_freed_memory_is_reused(reused: bool) -> None:
+    with mock.patch.object(attention_module, "freed_memory_is_reused", return_value=reused):
+        assert cpu_explicit_attention_max_scores() == (
+            CPU_EXPLICIT_ATTENTION_MAX_SCORES if reused else 2**23
+        )
+        assert _takes_explicit((2, 1, 256, 64), (2, 1, 16, 64))  # 2^13 scores
+        # 512 x 512, batch 8, stage 1: 2^25 scores
+        assert _takes_explicit((8, 1, 16384, 64), (8, 1, 256, 64)) is reused
+        # 800 x 1333, batch 4, stage 1: 2^28.1 scores
+        assert not _takes_explicit((4, 1, 66600, 64), (4, 1, 1050, 64))
+        assert not _takes_explicit((2, 1, 256, 64), (2, 1, 16, 64), torch.float32)
+
+
+def test_detr_attention_takes_the_choice_and_ignores_padded_keys() -> None:
+    torch.manual_seed(0)
+    layer = DetrAttention(64, num_heads=4).eval()
+    query, key = torch.randn(2, 5, 64), torch.randn(2, 12, 64)
+    padding = torch.zeros(2, 12, dtype=torch.bool)
+    padding[1, 8:] = True
+    moved = key.clone()
+    moved[1, 8:] += 10.0  # only padded keys change
+    with _counting_sdpa(bf16=True) as sdpa:
+        explicit = layer(query, key, key, padding)
+        explicit_moved = layer(query, moved, moved, padding)
+        assert sdpa.call_count == 0
+        with explicit_attention_limit(0):
+            fused = layer(query, key, key, padding)
+        assert sdpa.call_count == 1
+    torch.testing.assert_close(explicit_moved, explicit)
+    torch.testing.assert_close(explicit.float(), fused.float(), atol=0.05, rtol=0.05)
 
 
 def test_trans2seg_self_attention_takes_the_same_choice() -> None:
     layer = SelfAttention(64, num_heads=2).eval()
     x = torch.randn(2, 16, 64)
-    with (
-        mock.patch.object(F, "scaled_dot_product_attention", wraps=F.scaled_dot_product_attention)
-        as sdpa,
-        torch.no_grad(),
-        torch.autocast("cpu", dtype=torch.bfloat16),
-    ):  # fmt: skip
+    with _counting_sdpa(bf16=True) as sdpa:
         explicit = layer(x)
         with explicit_attention_limit(0):
             fused = layer(x)
@@ -61,13 +128,7 @@ def test_trans2seg_self_attention_takes_the_same_choice() -> None:
 def _sdpa_calls(model: torch.nn.Module, x: torch.Tensor, bf16: bool, explicit_max: int) -> int:
     """How many attention calls of `model(x)` went to SDPA, with the explicit product allowed
     up to `explicit_max` scores."""
-    with (
-        explicit_attention_limit(explicit_max),
-        mock.patch.object(F, "scaled_dot_product_attention", wraps=F.scaled_dot_product_attention)
-        as sdpa,
-        torch.no_grad(),
-        torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
-    ):  # fmt: skip
+    with explicit_attention_limit(explicit_max), _counting_sdpa(bf16) as sdpa:
         model(x)
     return sdpa.call_count
 

@@ -1,6 +1,6 @@
 """SDPA against the explicit softmax product at the attention shapes of PVT: the measurement
 behind `pvtlab.models.attention.explicit_attention_is_faster`, which picks the explicit product
-on the CPU in bf16 while the score tensor is small, and that choice's effect on a whole training
+on the CPU in bf16 while the score tensor is not too large, and that choice's effect on a whole training
 pass."""
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from torch.overrides import TorchFunctionMode
 
 from pvtlab.bench import bench_device, markdown_table, time_interleaved
 from pvtlab.models.attention import (
+    cpu_explicit_attention_max_scores,
     explicit_attention,
     explicit_attention_is_faster,
     explicit_attention_limit,
 )
+from pvtlab.utils.allocator import freed_memory_is_reused
 
 __all__ = [
     "AttentionRow",
@@ -180,7 +182,9 @@ def attention_section(rows: list[AttentionRow]) -> str:
         "(`pvtlab.models.attention.explicit_attention`), median of runs taken in turns. "
         "`taken`: the kernel pvtlab's attention runs there (`pvtlab.models.attention.attention`: "
         "the explicit product on the CPU in bf16 for at most "
-        "`CPU_EXPLICIT_ATTENTION_MAX_SCORES` scores, SDPA elsewhere).\n\n"
+        f"2^{math.log2(cpu_explicit_attention_max_scores()):.1f} scores in this run, where "
+        f"freed memory {'is' if freed_memory_is_reused() else 'is not'} reused "
+        "(`pvtlab.utils.allocator`), SDPA elsewhere).\n\n"
         + markdown_table(
             [
                 "model and input",

@@ -17,7 +17,7 @@ import ctypes.util
 import logging
 import os
 
-__all__ = ["reuse_freed_memory"]
+__all__ = ["freed_memory_is_reused", "reuse_freed_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,13 @@ _USER_SETTINGS = (
     "MALLOC_TRIM_THRESHOLD_",
     "GLIBC_TUNABLES",
 )
+# Whether `reuse_freed_memory` has set malloc up in this process.
+_reusing = False
+
+
+def freed_memory_is_reused() -> bool:
+    """Whether `reuse_freed_memory` has taken effect in this process."""
+    return _reusing
 
 
 def reuse_freed_memory() -> bool:
@@ -59,4 +66,6 @@ def reuse_freed_memory() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     ok = mallopt(_M_MMAP_MAX, 0) == 1
     ok &= mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES) == 1
+    global _reusing
+    _reusing = _reusing or bool(ok)
     return bool(ok)

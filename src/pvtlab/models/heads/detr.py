@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert
 
 from pvtlab.data.detection_transforms import pad_images
+from pvtlab.models.attention import attention
 from pvtlab.models.heads.detr_criterion import SetCriterion
 from pvtlab.models.heads.detr_matcher import HungarianMatcher
 
@@ -70,7 +71,8 @@ class PositionEmbeddingSine(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention through `F.scaled_dot_product_attention`, with a key padding mask."""
+    """Multi-head attention with a key padding mask, through `pvtlab.models.attention.attention`
+    (SDPA, or the explicit product where that is faster)."""
 
     def __init__(self, dim: int, num_heads: int, dropout: float = 0.0) -> None:
         super().__init__()
@@ -94,12 +96,12 @@ class Attention(nn.Module):
         batch, length, dim = query.shape
         # SDPA's boolean mask marks the keys that take part.
         attend = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(
+        out = attention(
             self._heads(self.q(query)),
             self._heads(self.k(key)),
             self._heads(self.v(value)),
-            attn_mask=attend,
             dropout_p=self.dropout if self.training else 0.0,
+            attn_mask=attend,
         )
         return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
 
