@@ -73,6 +73,7 @@ def test_detectors_quick(tmp_path: Path) -> None:
         "| mask_rcnn |",
     ):
         assert head in text
+    assert "| ms / image bf16, SDPA throughout | attention choice speed-up |" in text
     assert "failed" not in text
 
 

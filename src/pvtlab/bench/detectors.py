@@ -11,6 +11,7 @@ matrix products on a GPU, as `src/eval.py` runs) and bf16 autocast.
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,10 @@ from pvtlab.bench import (
     time_interleaved,
     write_report,
 )
+from pvtlab.bench.attention import attention_precision
 from pvtlab.bench.plots import bar_chart, new_figure, save_figure
 from pvtlab.bench.steps import compose_run
+from pvtlab.models.attention import cpu_explicit_attention_max_scores
 
 __all__ = ["latency_ms", "run", "shapes_ap"]
 
@@ -48,13 +51,18 @@ SHAPES_SIDE = {640: 48, 800: 64}  # table11_speed_smoke's stand-ins for the COCO
 
 
 PRECISIONS = ("fp32", "bf16")
+# bf16 with SDPA for every attention call: what pvtlab's choice of attention kernel gains
+SDPA_ONLY = "bf16, SDPA throughout"
+# Each timed path: (bf16 autocast, SDPA only)
+PATHS = {"fp32": (False, False), "bf16": (True, False), SDPA_ONLY: (True, True)}
 
 
 def latency_ms(
     head: str, backbone: str, short_side: int, repeats: int, warmup: int = 1
 ) -> dict[str, float]:
     """Median milliseconds of one image of COCO proportions (short x 1.666 short) through the
-    detector, in fp32 and under bf16 autocast (keys PRECISIONS), timed in turns."""
+    detector along each of `PATHS` (fp32; bf16 autocast; bf16 with SDPA throughout), timed in
+    turns."""
     from pvtlab.pipeline import build_model
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,12 +81,12 @@ def latency_ms(
         model = build_model(cfg.backbone, cfg.head, int(cfg.data.num_classes)).eval().to(device)
     image = torch.rand(3, short_side, round(short_side * 1333 / 800), device=device)
 
-    def infer(bf16: bool) -> Any:
-        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+    def infer(bf16: bool, sdpa_only: bool) -> Any:
+        with torch.no_grad(), attention_precision(device, bf16, sdpa_only):
             return model([image])
 
     seconds = time_interleaved(
-        {p: lambda bf16=p == "bf16": infer(bf16) for p in PRECISIONS},
+        {label: lambda path=path: infer(*path) for label, path in PATHS.items()},
         warmup=warmup,
         repeats=repeats,
         device=device,
@@ -173,10 +181,13 @@ def run(out_dir: Path, quick: bool, log_dir: Path = Path("outputs")) -> list[Pat
         head, backbone, side, paper = row
         ms = latencies[row]
         timings = (
-            (ms, None, None)
+            (ms, None, None, None, None)
             if isinstance(ms, str)
-            else (ms["fp32"], ms["bf16"], ms["fp32"] / ms["bf16"])
-        )
+            else (
+                ms["fp32"], ms["bf16"], ms["fp32"] / ms["bf16"],
+                ms[SDPA_ONLY], ms[SDPA_ONLY] / ms["bf16"],
+            )
+        )  # fmt: skip
         shapes = ap.get((backbone, side)) if head == "retinanet" else None
         rows.append(
             (head, backbone, f"{side}x{round(side * 1333 / 800)}", *timings, paper,
@@ -193,7 +204,10 @@ def run(out_dir: Path, quick: bool, log_dir: Path = Path("outputs")) -> list[Pat
     notes = [
         f"Device: {device.type}. Latency: median of {repeats} after {warmup} warm-up(s), "
         "batch 1, random image of COCO proportions (shorter x 1.666 shorter), eval, no grad; "
-        "fp32 and bf16 autocast timed in turns"
+        "fp32, bf16 autocast and bf16 with SDPA for every attention call timed in turns "
+        "(the last against pvtlab's choice of attention kernel, `pvtlab.models.attention`: the "
+        "explicit softmax product on the CPU in bf16 up to "
+        f"2^{math.log2(cpu_explicit_attention_max_scores()):.1f} scores a call in this run)"
         + (
             ", fp32 matrix products in TF32 (as src/eval.py runs), cuDNN benchmark mode."
             if device.type == "cuda"
@@ -216,6 +230,8 @@ def run(out_dir: Path, quick: bool, log_dir: Path = Path("outputs")) -> list[Pat
                 "ms / image fp32",
                 "ms / image bf16",
                 "bf16 speed-up",
+                "ms / image bf16, SDPA throughout",
+                "attention choice speed-up",
                 "paper ms (V100, fp32)",
                 "AP on shapes (%)",
             ],
