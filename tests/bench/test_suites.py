@@ -113,7 +113,7 @@ def test_training_quick_covers_every_head_and_path(tmp_path: Path) -> None:
     assert "| eager fused attention, bf16 autocast, SDPA throughout |" in text
     passes = text.split("## Training pass by attention kernel")[1].split("##")[0]
     for label in attention_bench.PASSES:
-        assert f"| {label} |" in passes
+        assert f"| pvt_tiny classifier, 64x64, batch 2 | {label} |" in passes
     headings = (
         "Training-step ratios",
         "Forward fast paths",

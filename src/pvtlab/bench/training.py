@@ -468,14 +468,14 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
 
 
 def _attention_sections(quick: bool, fwd_model: str, size: int, batch: int) -> list[str]:
-    """The attention kernels at the forward paths' shapes and, beyond the bf16 explicit
-    product's limit, at a segmentation crop; a training pass by attention kernel."""
+    """The attention kernels and a training pass by attention kernel, at the forward paths'
+    shapes and at a segmentation crop (larger score tensors)."""
     classifier = AttentionSetting(fwd_model, size, batch)
     settings = [classifier] if quick else [classifier, AttentionSetting(fwd_model, 512, 8, True)]
     repeats = 1 if quick else 5
     kernels = [row for s in settings for row in attention_kernels(s, repeats)]
-    passes = training_passes(classifier, repeats=1 if quick else 3)
-    return [attention_section(kernels), training_pass_section(passes, classifier)]
+    passes = {s: training_passes(s, repeats=1 if quick else 3) for s in settings}
+    return [attention_section(kernels), training_pass_section(passes)]
 
 
 def _plot(ratio_rows: list[RatioRow], fwd: dict[str, Any], device: str, path: Path) -> Path:
