@@ -1,6 +1,6 @@
 """SDPA against the explicit softmax product at the attention shapes of PVT: the measurement
 behind `pvtlab.models.attention.explicit_attention_is_faster`, which picks the explicit product
-on the CPU in bf16 while the score tensor is not too large, and that choice's effect on a whole training
+on the CPU in bf16 up to a limit of scores a call, and that choice's effect on a whole training
 pass."""
 
 from __future__ import annotations

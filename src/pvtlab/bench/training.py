@@ -550,7 +550,7 @@ def _header(
         f"Forward: {fwd_model} classifier at {size}x{size}, batch {batch}, eval, no grad, median "
         f"of {repeats} taken in turns with the other paths and the matmuls; GMACs per image "
         f"{gmacs:.2f} (attention products included). Fused attention is SDPA except on the CPU "
-        "in bf16, where it is the explicit product while the score tensor is small (the "
+        "in bf16, where it is the explicit product up to a limit of scores a call (the "
         "attention table); `SDPA throughout` turns that choice off.",
         "Targets (issue 10, set for the 2-core CPU) are ratios taken in this one run; they are "
         "reported, not asserted. A loaded machine shifts every figure: see the load average "

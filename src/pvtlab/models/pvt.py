@@ -21,8 +21,8 @@ Where this implementation departs from the release, on purpose:
 * Position embeddings are resized bilinearly (``align_corners=False``) to each stage's own grid;
   stage 4's class-token slot is kept apart. The release compared every stage against stage 1's
   token count and crashed at 448 and 896.
-* Attention runs through ``F.scaled_dot_product_attention``, except on the CPU in bf16 with a
-  small score tensor, where the explicit product is faster (`pvtlab.models.attention`);
+* Attention runs through ``F.scaled_dot_product_attention``, except on the CPU in bf16 up to a
+  limit of scores a call, where the explicit product is faster (`pvtlab.models.attention`);
   ``fused_attn=False`` selects the explicit-softmax path (the release's arithmetic) everywhere.
 * Feature extraction (``features_only=True`` or ``prune_intermediate_layers``) removes the class
   token, the final norm and the head (the dense-prediction models take the four stage maps
