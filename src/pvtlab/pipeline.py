@@ -25,6 +25,7 @@ from torch import nn
 from pvtlab.experiments.runtime import check_pretrained, set_sweep_group, write_metrics
 from pvtlab.loggers import log_wandb_run_facts
 from pvtlab.models import create_backbone
+from pvtlab.models.attention import set_explicit_attention_limit
 from pvtlab.tasks.base import FROZEN_WEIGHTS, TaskModule, frozen_weight_compilation
 from pvtlab.utils.arguments import HEAD_META, TASK_META
 from pvtlab.utils.config import (
@@ -237,6 +238,10 @@ def _prepare(cfg: DictConfig) -> Path:
     """Checks that need no data, then the config tree printed and saved with the run."""
     check_compatible(cfg)
     check_pretrained(cfg)
+    try:
+        set_explicit_attention_limit(cfg.get("explicit_attention_max_scores"))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     set_sweep_group(cfg)  # before the config is saved: config.yaml records the group
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from pvtlab.models.attention import (
     cpu_explicit_attention_max_scores,
     explicit_attention_is_faster,
     explicit_attention_limit,
+    set_explicit_attention_limit,
 )
 from pvtlab.models.heads.detr import Attention as DetrAttention
 from pvtlab.models.heads.trans2seg import SelfAttention
@@ -59,6 +60,23 @@ def test_limit_holds_inside_the_block_and_is_restored_after_an_error() -> None:
     with pytest.raises(RuntimeError), explicit_attention_limit(0):
         assert cpu_explicit_attention_max_scores() == 0
         raise RuntimeError
+    assert cpu_explicit_attention_max_scores() == default
+
+
+def test_set_limit_holds_until_reset_and_rejects_what_is_not_a_count() -> None:
+    default = cpu_explicit_attention_max_scores()
+    try:
+        set_explicit_attention_limit(2**20)
+        with explicit_attention_limit(0):  # a block inside restores the set limit, not None
+            assert cpu_explicit_attention_max_scores() == 0
+        assert cpu_explicit_attention_max_scores() == 2**20
+        for bad in (-1, 1.5e7, "2**20", True):
+            with pytest.raises(ValueError, match="explicit_attention_max_scores") as error:
+                set_explicit_attention_limit(bad)  # type: ignore[arg-type]
+            assert repr(bad) in str(error.value)
+        assert cpu_explicit_attention_max_scores() == 2**20  # a rejected value changes nothing
+    finally:
+        set_explicit_attention_limit(None)
     assert cpu_explicit_attention_max_scores() == default
 
 

@@ -32,6 +32,7 @@ def _runnable(cfg: DictConfig, data_root: Path) -> DictConfig:
         (["trainer.deterministic=maybe"], ["trainer.deterministic='maybe'"]),
         (["data=imagenet", "data.batch_size=big"], ["data.batch_size='big'", "int"]),
         (["task=detection", "+task.score_thresh=0.1"], ["task.score_thresh", "Valid keys"]),
+        (["explicit_attention_max_scores=-1"], ["explicit_attention_max_scores", "got -1"]),
     ],
 )
 def test_unknown_key_or_wrong_type_is_one_clear_error_before_data(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import lightning as L
 import numpy as np
@@ -22,6 +23,7 @@ from pvtlab import pipeline
 from pvtlab.data.imagefolder import ImageFolderError
 from pvtlab.export import main as export_main
 from pvtlab.models import create_backbone
+from pvtlab.models.attention import set_explicit_attention_limit
 from pvtlab.tasks.classification import (
     ClassificationTask,
     _make_mixup,
@@ -275,6 +277,33 @@ def test_medium_and_large_clip_and_drop_more(make_config: Callable[..., DictConf
 
 
 # --------------------------------------------------------------------------- evaluation
+
+
+def test_explicit_attention_max_scores_reaches_the_model(
+    make_config: Callable[..., DictConfig],
+) -> None:
+    """bf16 on the CPU: the default runs PVT-Tiny's small attention calls as explicit products;
+    `explicit_attention_max_scores=0` (least memory) sends every call to SDPA."""
+    calls = {}
+    try:
+        for limit in ("null", "0"):
+            cfg = _config(
+                make_config,
+                f"explicit_attention_max_scores={limit}",
+                "trainer.precision=bf16-mixed",
+                "+trainer.limit_val_batches=1",
+                "data.num_workers=0",
+                config_name="eval",
+            )
+            sdpa = mock.patch.object(
+                F, "scaled_dot_product_attention", wraps=F.scaled_dot_product_attention
+            )
+            with sdpa as counted:
+                pipeline.evaluate(_runnable(cfg))
+            calls[limit] = counted.call_count
+    finally:
+        set_explicit_attention_limit(None)  # the process-wide setting back to pvtlab's own
+    assert calls["null"] == 0 and calls["0"] > 0
 
 
 def test_evaluate_a_checkpoint(make_config: Callable[..., DictConfig], tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import torch
 
 __all__ = [
+    "PEAK_MEMORY_ENV",
     "PeakMemory",
     "bench_device",
     "failure",
@@ -106,6 +107,11 @@ def run_worker(module: str, request: Mapping[str, Any], env: Mapping[str, str]) 
     if proc.returncode != 0:
         raise RuntimeError(f"{module} worker failed for {request}:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# The environment of a process that measures CPU peak memory (`PeakMemory`): glibc's mmap
+# threshold fixed at 128 KiB, so that freed tensors leave the resident set.
+PEAK_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def _proc_status_kib(field: str) -> int | None:

@@ -1,11 +1,18 @@
 """SDPA against the explicit softmax product at the attention shapes of PVT: the measurement
 behind `pvtlab.models.attention.explicit_attention_is_faster`, which picks the explicit product
 on the CPU in bf16 up to a limit of scores a call, and that choice's effect on a whole training
-pass."""
+pass: its speed, and its peak memory (the explicit product keeps its score tensor for the
+backward, SDPA a log-sum-exp per query).
+
+The module runs as a worker too: ``python -m pvtlab.bench.attention <request>`` measures one
+training pass's peak memory in a fresh process (`training_pass_memory`)."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any, NamedTuple
@@ -14,7 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from pvtlab.bench import bench_device, markdown_table, time_interleaved
+from pvtlab.bench import (
+    PEAK_MEMORY_ENV,
+    PeakMemory,
+    bench_device,
+    markdown_table,
+    run_worker,
+    time_interleaved,
+)
 from pvtlab.models.attention import (
     cpu_explicit_attention_max_scores,
     explicit_attention,
@@ -30,6 +44,7 @@ __all__ = [
     "attention_precision",
     "attention_section",
     "attention_shapes",
+    "training_pass_memory",
     "training_pass_section",
     "training_passes",
 ]
@@ -153,25 +168,72 @@ def attention_precision(device: torch.device, bf16: bool, sdpa_only: bool) -> It
         yield
 
 
+def _pass_model(
+    setting: AttentionSetting, device: torch.device
+) -> tuple[torch.nn.Module, torch.Tensor]:
+    """`setting`'s model in training mode and a batch of random images for it."""
+    torch.manual_seed(0)
+    model = _model(setting).train().to(device)
+    return model, torch.randn(setting.batch, 3, setting.size, setting.size, device=device)
+
+
+def _training_pass(
+    model: torch.nn.Module, x: torch.Tensor, device: torch.device, bf16: bool, sdpa_only: bool
+) -> None:
+    """Forward and backward of `model` on `x`, the sum of its outputs as the loss."""
+    with attention_precision(device, bf16, sdpa_only):
+        out = model(x)
+    sum(o.float().sum() for o in (out if isinstance(out, list | tuple) else [out])).backward()
+    model.zero_grad(set_to_none=True)
+
+
 def training_passes(
     setting: AttentionSetting, repeats: int, device: torch.device | None = None
 ) -> dict[str, float]:
     """Images per second of a forward + backward pass of `setting`'s model along each of
     `PASSES`, timed in turns."""
     device = device or bench_device()
-    torch.manual_seed(0)
-    model = _model(setting).train().to(device)
-    x = torch.randn(setting.batch, 3, setting.size, setting.size, device=device)
-
-    def step(bf16: bool, sdpa_only: bool) -> None:
-        with attention_precision(device, bf16, sdpa_only):
-            out = model(x)
-        sum(o.float().sum() for o in (out if isinstance(out, list | tuple) else [out])).backward()
-        model.zero_grad(set_to_none=True)
-
-    paths = {label: (lambda p=p: step(*p)) for label, p in PASSES.items()}
+    model, x = _pass_model(setting, device)
+    paths = {
+        label: (lambda p=p: _training_pass(model, x, device, *p)) for label, p in PASSES.items()
+    }
     seconds = time_interleaved(paths, warmup=1, repeats=repeats, device=device)
     return {label: setting.batch / s for label, s in seconds.items()}
+
+
+def _pass_peak_mib(
+    setting: AttentionSetting, device: torch.device, bf16: bool, sdpa_only: bool
+) -> float | None:
+    """Peak MiB (`PeakMemory`) of one training pass of `setting`'s model, after a small
+    forward that starts the runtime up (thread pools, kernels)."""
+    model, x = _pass_model(setting, device)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64, device=device))
+    with PeakMemory(device) as peak:
+        _training_pass(model, x, device, bf16, sdpa_only)
+    return peak.mib
+
+
+def training_pass_memory(
+    setting: AttentionSetting, device: torch.device | None = None
+) -> dict[str, float | None]:
+    """Peak MiB of one forward + backward pass of `setting`'s model along each of `PASSES`.
+
+    CPU: each pass in a fresh process whose freed tensors leave the resident set
+    (`PEAK_MEMORY_ENV`), given this process's limit of the explicit product: that environment
+    keeps glibc from reusing freed memory, which would lower the limit there. CUDA: in this
+    process, whose peak counter is per tensor."""
+    device = device or bench_device()
+    if device.type == "cuda":
+        return {label: _pass_peak_mib(setting, device, *p) for label, p in PASSES.items()}
+    limit = cpu_explicit_attention_max_scores()
+    env = {**os.environ, **PEAK_MEMORY_ENV}
+    return {
+        label: run_worker(
+            "pvtlab.bench.attention", {"setting": list(setting), "pass": label, "limit": limit}, env
+        )
+        for label in PASSES
+    }
 
 
 def attention_section(rows: list[AttentionRow]) -> str:
@@ -217,12 +279,38 @@ def attention_section(rows: list[AttentionRow]) -> str:
     )
 
 
-def training_pass_section(passes: dict[AttentionSetting, dict[str, float]]) -> str:
-    """The report's table of `training_passes`, for each setting measured."""
+def training_pass_section(
+    passes: dict[AttentionSetting, dict[str, float]],
+    peaks: dict[AttentionSetting, dict[str, float | None]],
+) -> str:
+    """The report's table of `training_passes` and `training_pass_memory`, for each setting
+    measured."""
     rows = []
     for setting, rates in passes.items():
         fp32 = rates[next(iter(PASSES))]
-        rows += [(str(setting), label, rate, rate / fp32) for label, rate in rates.items()]
-    return "## Training pass by attention kernel (forward + backward)\n\n" + markdown_table(
-        ["model and input", "pass", "img/s", "vs fp32"], rows
+        rows += [
+            (str(setting), label, rate, rate / fp32, peaks[setting][label])
+            for label, rate in rates.items()
+        ]
+    return (
+        "## Training pass by attention kernel (forward + backward)\n\n"
+        "Images per second: median of passes taken in turns. Peak memory: one pass in a fresh "
+        "process per row (`pvtlab.bench.attention.training_pass_memory`; on the CPU the "
+        "resident-set high-water mark above the model and its inputs, glibc's mmap threshold "
+        "fixed at 128 KiB so freed tensors leave the resident set, the explicit product's limit "
+        "of this run passed on). `explicit_attention_max_scores=0` (src/train.py) trains with "
+        "SDPA throughout, for the memory.\n\n"
+        + markdown_table(["model and input", "pass", "img/s", "vs fp32", "peak MiB"], rows)
     )
+
+
+def _worker(argv: list[str]) -> None:
+    request = json.loads(argv[0])
+    setting = AttentionSetting(*request["setting"])
+    bf16, sdpa_only = PASSES[request["pass"]]
+    with explicit_attention_limit(request["limit"]):
+        print(json.dumps(_pass_peak_mib(setting, torch.device("cpu"), bf16, sdpa_only)))
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1:])

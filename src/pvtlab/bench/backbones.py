@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from pvtlab.bench import (
+    PEAK_MEMORY_ENV,
     PeakMemory,
     bench_device,
     markdown_table,
@@ -153,7 +154,7 @@ def _measure_in_subprocess(cfg: Config) -> list[dict[str, Any]]:
     for reuse, as training does: with the threshold fixed every large tensor is a fresh mmap
     whose pages fault in on each pass.
     """
-    memory = _run_worker(cfg, memory=True, env={"MALLOC_MMAP_THRESHOLD_": "131072"})
+    memory = _run_worker(cfg, memory=True, env=PEAK_MEMORY_ENV)
     timing = time_in_fresh_process(cfg)
     return [{**m, **t} for m, t in zip(memory, timing, strict=True)]
 

@@ -43,6 +43,7 @@ from pvtlab.bench.attention import (
     attention_kernels,
     attention_precision,
     attention_section,
+    training_pass_memory,
     training_pass_section,
     training_passes,
 )
@@ -475,7 +476,8 @@ def _attention_sections(quick: bool, fwd_model: str, size: int, batch: int) -> l
     repeats = 1 if quick else 5
     kernels = [row for s in settings for row in attention_kernels(s, repeats)]
     passes = {s: training_passes(s, repeats=1 if quick else 3) for s in settings}
-    return [attention_section(kernels), training_pass_section(passes)]
+    peaks = {s: training_pass_memory(s) for s in settings}
+    return [attention_section(kernels), training_pass_section(passes, peaks)]
 
 
 def _plot(ratio_rows: list[RatioRow], fwd: dict[str, Any], device: str, path: Path) -> Path:

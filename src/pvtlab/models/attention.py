@@ -19,6 +19,11 @@ product 1.7-1.8x its time, 1.1-1.4x with the backward): the limit is then
 `CPU_EXPLICIT_ATTENTION_MAX_SCORES_FRESH_MEMORY`. In fp32 neither kernel wins throughout, and
 SDPA, the smaller in memory, is kept. (Kernel timings: `pvtlab.bench.attention._time_kernels`,
 3 runs after 2 warm-ups, one process each.)
+
+The speed costs memory in training: the explicit product keeps its score tensor for the
+backward, SDPA only a log-sum-exp per query. A run sets its own limit with the
+`explicit_attention_max_scores` key of src/train.py and src/eval.py
+(`set_explicit_attention_limit`; 0: SDPA throughout).
 """
 
 from __future__ import annotations
@@ -39,13 +44,15 @@ __all__ = [
     "explicit_attention",
     "explicit_attention_is_faster",
     "explicit_attention_limit",
+    "set_explicit_attention_limit",
 ]
 
 # The most scores (batch x heads x queries x keys) a call for which the explicit product runs
 # instead of SDPA on the CPU in bf16: while freed memory is reused, and otherwise.
 CPU_EXPLICIT_ATTENTION_MAX_SCORES = 3 * 2**26
 CPU_EXPLICIT_ATTENTION_MAX_SCORES_FRESH_MEMORY = 2**23
-# `explicit_attention_limit`'s limit inside its block; None: the two above.
+# The limit set by `set_explicit_attention_limit` (the `explicit_attention_max_scores` key of
+# src/train.py and src/eval.py) or by `explicit_attention_limit`'s block; None: the two above.
 _limit_override: int | None = None
 
 
@@ -87,16 +94,32 @@ def explicit_attention_is_faster(q: torch.Tensor, k: torch.Tensor) -> bool:
     return scores <= cpu_explicit_attention_max_scores()
 
 
+def set_explicit_attention_limit(max_scores: int | None) -> None:
+    """From now on the explicit product replaces SDPA (CPU, bf16) for at most `max_scores`
+    scores a call. 0 keeps SDPA throughout, the least memory in training: the explicit product
+    keeps its score tensor for the backward, SDPA only a log-sum-exp per query. None restores
+    `cpu_explicit_attention_max_scores`' own limit for the host allocator."""
+    if max_scores is not None and (
+        isinstance(max_scores, bool) or not isinstance(max_scores, int) or max_scores < 0
+    ):
+        raise ValueError(
+            "explicit_attention_max_scores must be null (pvtlab's limit) or a whole number of "
+            f"scores >= 0 (0: SDPA throughout); got {max_scores!r}"
+        )
+    global _limit_override
+    _limit_override = max_scores
+
+
 @contextmanager
 def explicit_attention_limit(max_scores: int) -> Iterator[None]:
     """Within this block the explicit product replaces SDPA for at most `max_scores` scores
     (0: SDPA throughout), for benchmarks and tests; the block's end restores the limit."""
-    global _limit_override
-    saved, _limit_override = _limit_override, max_scores
+    saved = _limit_override
+    set_explicit_attention_limit(max_scores)
     try:
         yield
     finally:
-        _limit_override = saved
+        set_explicit_attention_limit(saved)
 
 
 def attention(
