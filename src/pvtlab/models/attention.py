@@ -13,12 +13,12 @@ src/bench.py), the explicit product still won at stage 1 of PVT at 800 x 1333 wi
 and batch 3 (2^27.6: 0.74x, 0.63x), and lost with batch 4 (2^28.1: 0.74x in the forward but
 1.12x with the backward, whose time jumped 2.4x from batch 3 where SDPA's grew 1.3x; the cause
 was not measured), so its limit there is `CPU_EXPLICIT_ATTENTION_MAX_SCORES`, 3 x 2^26 (2^27.6,
-a 384 MiB score tensor in bf16). Stages 2 and 3 at 800 x 1333 (2026-12-05 07:00 UTC) agree: the
-explicit product won up to 2^27.6 (0.66-0.76x SDPA's time, with the backward 0.66-0.69x) and
-from 2^28 won or lost by shape (with the backward 0.68x at 8 x 2 x 16700 x 1050, 1.00x at
-12 x 5 x 4200 x 1050, 0.96x at 16 x 5 x 4200 x 1050). Under glibc's default, every score tensor above the mmap
-threshold is faulted in afresh at each call, and from 2^24 scores SDPA wins (the explicit
-product 1.7-1.8x its time, 1.1-1.4x with the backward): the limit is then
+a 384 MiB score tensor in bf16). Stages 2 and 3 at 800 x 1333 (2026-12-05 06:40 UTC) agree:
+the explicit product won up to 2^27.6 (0.75-0.76x SDPA's time, with the backward 0.66-0.69x)
+and from 2^28 won or lost by shape (with the backward 0.68x at 8 x 2 x 16700 x 1050, 1.00x at
+12 x 5 x 4200 x 1050, 0.96x at 16 x 5 x 4200 x 1050). Under glibc's default, every score tensor
+above the mmap threshold is faulted in afresh at each call, and from 2^24 scores SDPA wins (the
+explicit product 1.7-1.8x its time, 1.1-1.4x with the backward): the limit is then
 `CPU_EXPLICIT_ATTENTION_MAX_SCORES_FRESH_MEMORY`. In fp32 neither kernel wins throughout, and
 SDPA, the smaller in memory, is kept. (Kernel timings: `pvtlab.bench.attention._time_kernels`,
 3 runs after 2 warm-ups, one process each.)
