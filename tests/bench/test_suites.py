@@ -226,3 +226,14 @@ def test_interleaved_timing_takes_the_paths_in_turns() -> None:
     )
     assert calls == ["a", "b", "a", "b", "a", "b"]  # warm-up of each, then turns
     assert set(seconds) == {"a", "b"} and all(s >= 0 for s in seconds.values())
+
+
+def test_attention_setting_traces_the_shapes_of_its_images() -> None:
+    # PVT-Small's stage 1 at 800 x 1333: 200 x 334 query tokens (stride 4, rounded up), keys
+    # reduced 8 x to 25 x 42. Without a width the images are square: 56 x 56 queries, 7 x 7 keys.
+    detection = attention_bench.AttentionSetting("pvt_small", 800, 2, True, width=1333)
+    assert str(detection) == "pvt_small backbone, 800x1333, batch 2"
+    assert attention_bench.attention_shapes(detection)[0] == (2, 1, 200 * 334, 25 * 42, 64)
+    classifier = attention_bench.AttentionSetting("pvt_small", 224, 32)
+    assert str(classifier) == "pvt_small classifier, 224x224, batch 32"
+    assert attention_bench.attention_shapes(classifier)[0] == (32, 1, 56 * 56, 7 * 7, 64)

@@ -59,16 +59,22 @@ PASSES = {
 
 
 class AttentionSetting(NamedTuple):
-    """A PVT model on a batch of square images: whose attention shapes are measured."""
+    """A PVT model on a batch of images: whose attention shapes are measured."""
 
     name: str
-    size: int
+    size: int  # the images' height, and their width unless `width` is given
     batch: int
     features_only: bool = False  # the dense-prediction backbone (no class token)
+    width: int | None = None
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.size, self.width or self.size
 
     def __str__(self) -> str:
         kind = "backbone" if self.features_only else "classifier"
-        return f"{self.name} {kind}, {self.size}x{self.size}, batch {self.batch}"
+        height, width = self.image_size
+        return f"{self.name} {kind}, {height}x{width}, batch {self.batch}"
 
 
 class AttentionRow(NamedTuple):
@@ -98,7 +104,9 @@ class _RecordAttention(TorchFunctionMode):
 def _model(setting: AttentionSetting) -> torch.nn.Module:
     from pvtlab.models import create_backbone
 
-    return create_backbone(setting.name, features_only=setting.features_only, img_size=setting.size)
+    return create_backbone(
+        setting.name, features_only=setting.features_only, img_size=setting.image_size
+    )
 
 
 def attention_shapes(setting: AttentionSetting) -> list[tuple[int, int, int, int, int]]:
@@ -108,7 +116,7 @@ def attention_shapes(setting: AttentionSetting) -> list[tuple[int, int, int, int
         model = _model(setting).eval()
         recorder = _RecordAttention()
         with recorder, torch.no_grad():
-            model(torch.empty(setting.batch, 3, setting.size, setting.size))
+            model(torch.empty(setting.batch, 3, *setting.image_size))
     shapes = [(*queries[:3], keys, queries[3]) for queries, keys in recorder.shapes]
     return list(dict.fromkeys(shapes))  # one per stage: its blocks share the shape
 
@@ -174,7 +182,7 @@ def _pass_model(
     """`setting`'s model in training mode and a batch of random images for it."""
     torch.manual_seed(0)
     model = _model(setting).train().to(device)
-    return model, torch.randn(setting.batch, 3, setting.size, setting.size, device=device)
+    return model, torch.randn(setting.batch, 3, *setting.image_size, device=device)
 
 
 def _training_pass(

@@ -469,12 +469,15 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
 
 
 def _attention_sections(quick: bool, fwd_model: str, size: int, batch: int) -> list[str]:
-    """The attention kernels and a training pass by attention kernel, at the forward paths'
-    shapes and at a segmentation crop (larger score tensors)."""
+    """The attention kernels at the forward paths' shapes and at a segmentation crop (larger
+    score tensors), and a training pass by attention kernel there and at a detection input
+    with its training batch (the largest: 2^27.1 scores in stage 1)."""
     classifier = AttentionSetting(fwd_model, size, batch)
     settings = [classifier] if quick else [classifier, AttentionSetting(fwd_model, 512, 8, True)]
     repeats = 1 if quick else 5
     kernels = [row for s in settings for row in attention_kernels(s, repeats)]
+    if not quick:
+        settings.append(AttentionSetting(fwd_model, 800, 2, True, width=1333))
     passes = {s: training_passes(s, repeats=1 if quick else 3) for s in settings}
     peaks = {s: training_pass_memory(s) for s in settings}
     return [attention_section(kernels), training_pass_section(passes, peaks)]
