@@ -35,6 +35,27 @@ def test_train_transform_is_the_deit_recipe() -> None:
     assert out.shape == (3, 224, 224) and out.dtype == torch.float32
 
 
+def test_posterize_keeping_no_bits_blackens_the_image() -> None:
+    # At magnitude 10 RandAugment's increasing posterize keeps 0 bits; magnitude noise reaches
+    # 10 about once in 700 images of the recipe, so this must not raise (Pillow 13 does).
+    rand_augment = next(
+        t
+        for t in classification_transform(True, 64).transforms
+        if type(t).__name__ == "RandAugment"
+    )
+    posterize = next(op for op in rand_augment.ops if op.name == "PosterizeIncreasing")
+    posterize.prob, posterize.magnitude, posterize.magnitude_std = 1.0, 10, 0.0
+    assert np.asarray(posterize(_image())).max() == 0  # the recipe's black image
+    posterize.magnitude = 5  # 2 bits kept: the four levels 0, 64, 128, 192
+    assert set(np.unique(np.asarray(posterize(_image())))) == {0, 64, 128, 192}
+
+
+def test_auto_augment_policies_posterize_without_error() -> None:
+    transform = classification_transform(True, 32, auto_augment="v0", re_prob=0.0)
+    for _ in range(300):  # the v0 policy's posterize sub-policies keep 0 bits at low levels
+        assert transform(_image(48, 40)).shape == (3, 32, 32)
+
+
 def test_train_transform_options_switch_off() -> None:
     transform = classification_transform(
         True, 64, scale=(0.7, 1.0), auto_augment=None, re_prob=0.0, color_jitter=0.0
