@@ -23,6 +23,9 @@ from pvtlab.data.coco import (
     load_coco,
 )
 from pvtlab.data.detection_transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ToNormalizedFloat,
     detection_transforms,
     pad_images,
     short_side_choices,
@@ -311,6 +314,24 @@ def test_resize_flip_and_normalize_move_boxes_and_masks_with_the_image(tmp_path:
     # The longer side cap wins over the shorter side target.
     capped = CocoDetection(image_dir, ann_file, detection_transforms([96], max_size=100))
     assert capped[0][0].shape[-2:] == (75, 100)
+
+
+def test_normalization_in_one_pass_is_todtype_then_normalize() -> None:
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+
+    torch.manual_seed(0)
+    image = tv_tensors.Image(torch.randint(0, 256, (3, 40, 30), dtype=torch.uint8))
+    boxes = tv_tensors.BoundingBoxes([[1, 2, 10, 20]], format="XYXY", canvas_size=(40, 30))
+    two_steps = v2.Compose(
+        [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    )
+    fused, fused_boxes = ToNormalizedFloat(IMAGENET_MEAN, IMAGENET_STD)(image, boxes)
+    assert isinstance(fused, tv_tensors.Image) and fused.dtype == torch.float32
+    torch.testing.assert_close(fused, two_steps(image), atol=1e-5, rtol=0)
+    assert torch.equal(fused_boxes, boxes)
+    with pytest.raises(TypeError, match="uint8"):
+        ToNormalizedFloat(IMAGENET_MEAN, IMAGENET_STD)(tv_tensors.Image(torch.rand(3, 4, 4)))
 
 
 def test_multi_scale_choices_and_padding_to_32() -> None:

@@ -24,6 +24,7 @@ from pvtlab.data.segmentation_transforms import (
     RandomHorizontalFlip,
     TrainTransform,
     keep_ratio_size,
+    shift_hue,
 )
 
 
@@ -181,6 +182,21 @@ def test_photometric_distortion_stays_in_range_and_changes_pixels() -> None:
     outputs = [PhotometricDistortion()(image) for _ in range(10)]
     assert all(o.shape == (3, 16, 16) and o.min() >= 0 and o.max() <= 255 for o in outputs)
     assert any(not torch.allclose(o, image.float()) for o in outputs)
+
+
+@pytest.mark.parametrize("shift", [-0.1, -0.02, 0.0, 0.07, 0.5])
+def test_shift_hue_is_torchvisions_hue_adjustment(shift: float) -> None:
+    import torchvision.transforms.v2.functional as TF
+
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (2, 3, 24, 24)).float() / 255
+    image[0, :, :4] = image[0, :1, :4]  # grey pixels: no hue
+    image[0, 1, 4:8] = image[0, 0, 4:8]  # red and green tied for the maximum
+    image[1, 2, 8:12] = image[1, 1, 8:12]  # green and blue tied
+    expected = TF.adjust_hue(image, shift)
+    torch.testing.assert_close(shift_hue(image, shift), expected, atol=1e-5, rtol=0)
+    # On the 0-255 scale the photometric distortion works in, the same image x 255.
+    torch.testing.assert_close(shift_hue(image * 255, shift), expected * 255, atol=1e-3, rtol=0)
 
 
 def test_test_transform_resizes_image_only(tiny_ade: Path) -> None:

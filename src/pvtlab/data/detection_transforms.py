@@ -13,10 +13,14 @@ their batching), so every box a head returns is in the pixels of the image it wa
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
+from torchvision import tv_tensors
 from torchvision.transforms import v2
+
+from pvtlab.data.transforms import normalize_pixels
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -40,6 +44,25 @@ def short_side_choices(sides: Sequence[int], mode: str = "choice") -> list[int]:
     raise ValueError(f"short side mode {mode!r}: choose 'choice' or 'range'")
 
 
+class ToNormalizedFloat(v2.Transform):
+    """uint8 images to float32 normalized by `mean` and `std` (on the 0-1 scale): `v2.ToDtype`
+    with scaling then `v2.Normalize`, in one pass over the pixels instead of four (the largest
+    cost of the COCO loader after decoding, at 800 x 1333). Boxes and masks pass through."""
+
+    _transformed_types = (tv_tensors.Image,)
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.mean = tuple(255 * m for m in mean)
+        self.std = tuple(255 * s for s in std)
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if inpt.dtype != torch.uint8:
+            raise TypeError(f"ToNormalizedFloat takes uint8 images; got {inpt.dtype}")
+        normalized = normalize_pixels(inpt.as_subclass(Tensor), self.mean, self.std)
+        return tv_tensors.wrap(normalized, like=inpt)
+
+
 def detection_transforms(
     short_sides: Sequence[int],
     max_size: int | None,
@@ -55,7 +78,7 @@ def detection_transforms(
     steps: list[v2.Transform] = [v2.RandomShortestSize(list(short_sides), max_size=max_size)]
     if flip_prob > 0:
         steps.append(v2.RandomHorizontalFlip(p=flip_prob))
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    steps.append(ToNormalizedFloat(mean, std))
     return v2.Compose(steps)
 
 

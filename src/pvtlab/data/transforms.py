@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from PIL import Image
 from timm.data import auto_augment, create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -17,6 +18,17 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 # ImageNet statistics: every pvtlab backbone is trained (and released weights were) with these.
 IMAGENET_MEAN: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)
 IMAGENET_STD: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)
+
+
+def normalize_pixels(
+    image: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """``(image - mean) / std`` per channel of a ``[..., C, H, W]`` image of any dtype (uint8
+    included), as float32, in one multiply-add over the pixels: `mean` and `std` on the image's
+    own scale (e.g. 0-255 for uint8)."""
+    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    shift = -torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) / std_t
+    return torch.addcmul(shift, image, 1 / std_t)
 
 
 # The paper's evaluation crop: resize 256, centre crop 224.
