@@ -65,7 +65,9 @@ def test_detector_plot_adds_the_ap_panel_only_with_ap(tmp_path: Path) -> None:
 
 def test_data_and_training_plots(tmp_path: Path) -> None:
     rates = {"ImageFolderDataModule": (1661.0, 113.0), "CocoDataModule": (331.0, 30.1)}
-    assert png_size(data._plot(rates, tmp_path / "data.png"))[0] > 0
+    one = png_size(data._plot({"shapes": rates}, tmp_path / "one.png"))
+    two = png_size(data._plot({"shapes": rates, "real": rates}, tmp_path / "two.png"))
+    assert two[0] == pytest.approx(2 * one[0], rel=0.05) and two[1] == one[1]
     ratio_rows = [
         training.RatioRow(
             "classification", "linear", 0.7, 1.4, 0.7, 1.4, 1.06, 1.24, 1.01, "0.9-1.1", 1.3

@@ -182,9 +182,20 @@ def test_data_quick(tmp_path: Path) -> None:
     md, png = data.run(tmp_path, quick=True)
     text = md.read_text()
     assert png_size(png)[0] > 0 and f"![Loaders vs training step]({png.name})" in text
-    for module in ("ImageFolderDataModule", "CocoDataModule", "ADE20KDataModule"):
-        assert f"| {module} |" in text
-    assert "loader / step" in text
+    shapes, real = text.split("## Training loaders vs the PVT-Tiny training step: ")[1:]
+    for module, data_set in (
+        ("ImageFolderDataModule", "imagenet"),
+        ("CocoDataModule", "coco"),
+        ("ADE20KDataModule", "ade20k"),
+    ):
+        assert f"| {module} |" in shapes and f"| {module} (data={data_set}) |" in real
+    for section in (shapes, real):
+        lines = section.splitlines()
+        rows = [row for row in lines if "Module " in row and not row.startswith("| DataModule")]
+        assert len(rows) == 3
+        for row in rows:  # loader and step rates measured, and their ratio
+            loader, step, ratio = (float(cell) for cell in row.split("|")[7:10])
+            assert loader > 0 and step > 0 and ratio == pytest.approx(loader / step, rel=0.02)
 
 
 def test_reports_carry_the_load_average_of_the_suite_start(monkeypatch: pytest.MonkeyPatch) -> None:

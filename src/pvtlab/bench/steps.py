@@ -31,6 +31,7 @@ from pvtlab.utils.numerics import use_fast_float32_matmuls
 
 __all__ = [
     "HEADS",
+    "SHAPES_DATA",
     "StepResult",
     "StepTimer",
     "compose_run",
@@ -48,6 +49,8 @@ HEADS: tuple[tuple[str, str], ...] = (
     ("segmentation", "semantic_fpn"),
     ("segmentation", "trans2seg"),
 )
+# The data of a run measured unless told otherwise: the embedded shapes set and its recipe.
+SHAPES_DATA = ("data=shapes",)
 # Few, small shapes images for quick runs (the tests): generation takes seconds.
 QUICK_DATA = (
     "data.generator.train_images=32",
@@ -148,8 +151,10 @@ def measure_training_step(
     precision: str | None = None,
     extra: Sequence[str] = (),
     profile: bool = False,
+    data: Sequence[str] = SHAPES_DATA,
 ) -> StepResult:
-    """Fit `steps + warmup` training batches of the shapes recipe; time the last `steps`.
+    """Fit `steps + warmup` training batches of the `data` overrides' recipe (default: shapes);
+    time the last `steps`.
 
     Runs on `bench_device()` with the trainer preset a user would pick there (`trainer=cpu` or
     `trainer=gpu`); `precision` overrides the preset's (fp32 on the CPU, bf16-mixed on a GPU).
@@ -166,7 +171,7 @@ def measure_training_step(
                 f"task={task}",
                 f"head={head}",
                 f"backbone={backbone}",
-                "data=shapes",
+                *data,
                 "logger=none",
                 "callbacks=none",
                 f"paths.data_dir={data_dir}",
