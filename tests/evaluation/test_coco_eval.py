@@ -143,6 +143,22 @@ def test_a_box_off_by_a_known_iou_counts_only_below_it() -> None:
     assert metrics["mAP"] == pytest.approx(0.3)  # 3 of the 10 IoU thresholds (0.5, 0.55, 0.6)
 
 
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_scores_are_pycocotools_cocoeval(iou_type: str) -> None:
+    """faster-coco-eval scores what pycocotools' reference COCOeval scores, to the last digit."""
+    from pvtlab.bench.evaluation import pycocotools_evaluate, synthetic_coco
+
+    coco, results = synthetic_coco(30, seed=1, masks=True)
+    image_ids = list(range(1, 26))  # a partial pass, as with limit_val_batches
+    metrics, table = coco_evaluate(coco, results, iou_type, image_ids)
+    reference = pycocotools_evaluate(coco, results, iou_type, image_ids)
+    assert set(metrics) == set(reference)
+    for name, expected in reference.items():
+        assert 0 < expected < 1, name  # every size range holds truths and misses
+        assert metrics[name] == pytest.approx(expected, abs=1e-12), name
+    assert table.count("Average Precision") == 6 and "Average Recall" in table
+
+
 def test_no_predictions_scores_zero_instead_of_failing(tmp_path: Path) -> None:
     evaluator = CocoEvaluator(_gt(), CATEGORY_IDS)
     empty = {
