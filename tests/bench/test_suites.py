@@ -75,6 +75,11 @@ def test_detectors_quick(tmp_path: Path) -> None:
         assert head in text
     assert "| ms / image bf16, SDPA throughout | attention choice speed-up |" in text
     assert "failed" not in text
+    evaluation = text.split("## COCO evaluation")[1]
+    for iou_type in ("bbox", "segm"):  # both timed, and they agree
+        row = next(line for line in evaluation.splitlines() if line.startswith(f"| {iou_type} |"))
+        cells = [cell.strip() for cell in row.split("|")[1:-1]]
+        assert float(cells[3]) > 0 and float(cells[4]) > 0 and float(cells[6]) < 1e-9
 
 
 @pytest.mark.slow
