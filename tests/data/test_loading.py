@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pvtlab.data.loading import LoaderSettings, default_num_workers
+from pvtlab.data.loading import LoaderSettings, default_num_workers, processes_on_this_node
 from pvtlab.data.shapes import shapes_datamodule
 
 
@@ -33,6 +33,51 @@ def test_pinning_needs_a_cuda_device() -> None:
 def test_negative_workers_is_an_error_naming_the_key() -> None:
     with pytest.raises(ValueError, match=r"data\.num_workers=-1"):
         LoaderSettings.resolve(num_workers=-1)
+
+
+def _cores(monkeypatch: pytest.MonkeyPatch, cores: int) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(cores)), raising=False)
+
+
+def test_the_processes_of_a_node_share_its_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    _cores(monkeypatch, 16)
+    assert default_num_workers() == 8  # 15, capped
+    assert [default_num_workers(n) for n in (2, 4, 8, 16)] == [7, 3, 1, 0]
+    automatic = LoaderSettings.resolve(persistent_workers=True, prefetch_factor=4)
+    shared = automatic.for_processes(4)
+    assert (shared.num_workers, shared.persistent_workers, shared.prefetch_factor) == (3, True, 4)
+    assert automatic.for_processes(16).persistent_workers is False  # no worker left
+    assert "automatic_workers" not in shared.kwargs()
+    chosen = LoaderSettings.resolve(num_workers=6)
+    assert chosen.for_processes(8) == chosen  # a number the user set stays
+
+
+def test_processes_on_this_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert processes_on_this_node(None) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun
+    assert processes_on_this_node(None) == 4
+
+    class Trainer:
+        num_devices = 8
+
+    assert processes_on_this_node(Trainer()) == 8  # the Trainer, once attached, decides
+
+
+@pytest.mark.parametrize("kind", ["classification", "detection", "segmentation"])
+def test_under_ddp_every_datamodule_gives_its_process_a_share_of_the_workers(
+    tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    generator = {"image_size": 32, "train_images": 16, "val_images": 16}
+    dm = shapes_datamodule(kind, tmp_path, generator=generator, batch_size=2)
+    dm.setup("fit")
+    _cores(monkeypatch, 16)
+
+    class Trainer:  # what the DataModule reads of an attached DDP Trainer on 4 devices
+        num_devices, world_size, global_rank = 4, 4, 0
+
+    dm.trainer = Trainer()
+    assert dm.train_dataloader().num_workers == 3 and dm.val_dataloader().num_workers == 3
 
 
 @pytest.mark.parametrize("kind", ["classification", "detection", "segmentation"])

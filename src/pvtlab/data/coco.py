@@ -59,7 +59,7 @@ from pvtlab.data.detection_transforms import (
     eval_transforms,
     train_transforms,
 )
-from pvtlab.data.loading import LoaderSettings
+from pvtlab.data.loading import LoaderSettings, processes_on_this_node
 
 log = logging.getLogger(__name__)
 
@@ -608,7 +608,7 @@ class CocoDataModule(L.LightningDataModule):
             batch_size=batch_size,
             shuffle=shuffle,
             collate_fn=collate_detection,
-            **self.loading.kwargs(),
+            **self.loading.for_processes(processes_on_this_node(self.trainer)).kwargs(),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -25,7 +25,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from pvtlab.data.loading import LoaderSettings
+from pvtlab.data.loading import LoaderSettings, processes_on_this_node
 from pvtlab.data.samplers import RepeatAugSampler
 from pvtlab.data.transforms import DEFAULT_CROP_PCT, classification_transform
 
@@ -295,7 +295,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            **self.loading.kwargs(),
+            **self.loading.for_processes(processes_on_this_node(self.trainer)).kwargs(),
             **kwargs,
         )
 

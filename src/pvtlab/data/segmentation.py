@@ -23,7 +23,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from pvtlab.data.loading import LoaderSettings
+from pvtlab.data.loading import LoaderSettings, processes_on_this_node
 from pvtlab.data.segmentation_transforms import EvalTransform, TrainTransform, padded_size
 
 ADE20K_CLASSES = (
@@ -302,7 +302,7 @@ class ADE20KDataModule(L.LightningDataModule):
             shuffle=shuffle,
             drop_last=shuffle,
             collate_fn=collate_segmentation,
-            **self.loading.kwargs(),
+            **self.loading.for_processes(processes_on_this_node(self.trainer)).kwargs(),
         )
 
     def train_dataloader(self) -> DataLoader:
