@@ -253,3 +253,30 @@ def test_attention_setting_traces_the_shapes_of_its_images() -> None:
     classifier = attention_bench.AttentionSetting("pvt_small", 224, 32)
     assert str(classifier) == "pvt_small classifier, 224x224, batch 32"
     assert attention_bench.attention_shapes(classifier)[0] == (32, 1, 56 * 56, 7 * 7, 64)
+
+
+def test_measured_steps_apply_the_runs_attention_limit(tmp_path: Path) -> None:
+    """`explicit_attention_max_scores` reaches a measured step as it reaches src/train.py's:
+    bf16 on the CPU, the default runs PVT-Tiny's attention as explicit products, 0 as SDPA."""
+    from unittest import mock
+
+    import torch.nn.functional as F
+
+    from pvtlab.bench.steps import QUICK_DATA, measure_training_step
+    from pvtlab.models.attention import cpu_explicit_attention_max_scores
+
+    limit_before = cpu_explicit_attention_max_scores()
+    calls = {}
+    for limit in ("null", "0"):
+        sdpa = mock.patch.object(
+            F, "scaled_dot_product_attention", wraps=F.scaled_dot_product_attention
+        )
+        with sdpa as counted:
+            measure_training_step(
+                "classification", "linear", "pvt_tiny", tmp_path, steps=1,
+                precision="bf16-mixed",
+                extra=(*QUICK_DATA, f"explicit_attention_max_scores={limit}"),
+            )  # fmt: skip
+        calls[limit] = counted.call_count
+    assert calls["null"] == 0 and calls["0"] > 0
+    assert cpu_explicit_attention_max_scores() == limit_before  # the block restored it

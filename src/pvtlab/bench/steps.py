@@ -27,6 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from pvtlab.bench import PeakMemory, bench_device, run_worker, synchronize
+from pvtlab.models.attention import explicit_attention_limit
 from pvtlab.utils.numerics import use_fast_float32_matmuls
 
 __all__ = [
@@ -198,7 +199,9 @@ def measure_training_step(
         timer = StepTimer()
         profiler = StepProfiler(batch_index=steps + warmup if profile else -1)
         trainer = instantiate(cfg.trainer, callbacks=[timer, profiler], logger=False)
-        with PeakMemory(device) as peak:
+        # The run's attention limit, as src/train.py applies it (`pipeline._prepare`).
+        limit = cfg.get("explicit_attention_max_scores")
+        with explicit_attention_limit(limit), PeakMemory(device) as peak:
             trainer.fit(module, datamodule=datamodule)
         batch = int(cfg.data.batch_size)
     timed = timer.times[warmup : warmup + steps] or timer.times

@@ -114,9 +114,10 @@ def set_explicit_attention_limit(max_scores: int | None) -> None:
 
 
 @contextmanager
-def explicit_attention_limit(max_scores: int) -> Iterator[None]:
+def explicit_attention_limit(max_scores: int | None) -> Iterator[None]:
     """Within this block the explicit product replaces SDPA for at most `max_scores` scores
-    (0: SDPA throughout), for benchmarks and tests; the block's end restores the limit."""
+    (0: SDPA throughout; None: pvtlab's limit), for benchmarks and tests; the block's end
+    restores the limit."""
     saved = _limit_override
     set_explicit_attention_limit(max_scores)
     try:
