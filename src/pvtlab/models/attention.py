@@ -11,9 +11,13 @@ How far that holds depends on the host allocator. While freed memory is reused
 src/bench.py), the explicit product still won at stage 1 of PVT at 800 x 1333 with batch 2
 (2 x 1 x 66600 x 1050, 2^27.1 scores: 0.73-0.76x in the forward, 0.71-0.72x with the backward)
 and batch 3 (2^27.6: 0.74x, 0.63x), and lost with batch 4 (2^28.1: 0.74x in the forward but
-1.12x with the backward, whose time jumped 2.4x from batch 3 where SDPA's grew 1.3x; the cause
-was not measured), so its limit there is `CPU_EXPLICIT_ATTENTION_MAX_SCORES`, 3 x 2^26 (2^27.6,
-a 384 MiB score tensor in bf16). Stages 2 and 3 at 800 x 1333 (2026-12-05 06:40 UTC) agree:
+1.12x with the backward, whose time jumped 2.4x from batch 3 where SDPA's grew 1.3x), so its
+limit there is `CPU_EXPLICIT_ATTENTION_MAX_SCORES`, 3 x 2^26 (2^27.6, a 384 MiB score tensor in
+bf16). The jump is the allocator's, not the kernels' (2026-12-05 10:33 UTC): each product of
+the forward and backward grew 1.2-1.5x from batch 3 to 4, and forward + backward at batch 4 took
+0.98-1.04 s (SDPA 1.33-1.39 s) in a fresh process, but up to 1.18 s in one that had run batch 3
+first, where a call page-faulted up to 270k fresh pages (1 GiB) as the heap grew around freed
+blocks. Stages 2 and 3 at 800 x 1333 (2026-12-05 06:40 UTC) agree:
 the explicit product won up to 2^27.6 (0.75-0.76x SDPA's time, with the backward 0.66-0.69x)
 and from 2^28 won or lost by shape (with the backward 0.68x at 8 x 2 x 16700 x 1050, 1.00x at
 12 x 5 x 4200 x 1050, 0.96x at 16 x 5 x 4200 x 1050). Under glibc's default, every score tensor
