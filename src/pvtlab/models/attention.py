@@ -13,9 +13,9 @@ src/bench.py), the explicit product still won at stage 1 of PVT at 800 x 1333 wi
 and batch 3 (2^27.6: 0.74x, 0.63x), and lost with batch 4 (2^28.1: 0.74x in the forward but
 1.12x with the backward, whose time jumped 2.4x from batch 3 where SDPA's grew 1.3x), so its
 limit there is `CPU_EXPLICIT_ATTENTION_MAX_SCORES`, 3 x 2^26 (2^27.6, a 384 MiB score tensor in
-bf16). The jump is the allocator's, not the kernels' (2026-12-05 10:33 UTC): each product of
-the forward and backward grew 1.2-1.5x from batch 3 to 4, and forward + backward at batch 4 took
-0.98-1.04 s (SDPA 1.33-1.39 s) in a fresh process, but up to 1.18 s in one that had run batch 3
+bf16). The jump is the allocator's, not the kernels' (2026-12-05 10:33 UTC): each op of
+the forward and backward took 1.15-1.55x longer at batch 4 than 3; forward + backward at batch 4
+took 0.98-1.04 s (SDPA 1.33-1.39 s) in a fresh process, up to 1.18 s in one that had run batch 3
 first, where a call page-faulted up to 270k fresh pages (1 GiB) as the heap grew around freed
 blocks. Stages 2 and 3 at 800 x 1333 (2026-12-05 06:40 UTC) agree:
 the explicit product won up to 2^27.6 (0.75-0.76x SDPA's time, with the backward 0.66-0.69x)
