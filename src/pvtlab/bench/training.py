@@ -476,10 +476,10 @@ def _attention_sections(quick: bool, fwd_model: str, size: int, batch: int) -> l
     settings = [classifier] if quick else [classifier, AttentionSetting(fwd_model, 512, 8, True)]
     repeats = 1 if quick else 5
     kernels = [row for s in settings for row in attention_kernels(s, repeats)]
-    if not quick:
-        settings.append(AttentionSetting(fwd_model, 800, 2, True, width=1333))
-    passes = {s: training_passes(s, repeats=1 if quick else 3) for s in settings}
-    peaks = {s: training_pass_memory(s) for s in settings}
+    detection = [] if quick else [AttentionSetting(fwd_model, 800, 2, True, width=1333)]
+    pass_settings = [*settings, *detection]
+    passes = {s: training_passes(s, repeats=1 if quick else 3) for s in pass_settings}
+    peaks = {s: training_pass_memory(s) for s in pass_settings}
     return [attention_section(kernels), training_pass_section(passes, peaks)]
 
 
