@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
+import pytest
 import torch
 from PIL import Image
+from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 
-from pvtlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, classification_transform
+from pvtlab.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PilToNormalizedFloat,
+    RandomResizedCropUint8,
+    classification_transform,
+)
 
 
 def _image(width: int = 400, height: int = 300) -> Image.Image:
     rng = np.random.default_rng(0)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _smooth_image(width: int = 500, height: int = 375) -> Image.Image:
+    """A photo-like image: random colours at 1/16 the size, upsampled."""
+    rng = np.random.default_rng(1)
+    small = rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((width, height), Image.BICUBIC)
 
 
 def _steps(transform: T.Compose) -> list[str]:
@@ -22,9 +39,10 @@ def _steps(transform: T.Compose) -> list[str]:
 def test_train_transform_is_the_deit_recipe() -> None:
     transform = classification_transform(True, 224)
     steps = _steps(transform)
-    assert steps[0] == "RandomResizedCropAndInterpolation"
+    assert steps[0] == "RandomResizedCropUint8"
     assert "RandomHorizontalFlip" in steps
     assert "RandAugment" in steps and "RandomErasing" in steps
+    assert steps.index("PilToNormalizedFloat") == steps.index("RandomErasing") - 1
     crop = transform.transforms[0]
     assert crop.scale == (0.08, 1.0) and crop.interpolation == T.InterpolationMode.BICUBIC
     rand_augment = transform.transforms[steps.index("RandAugment")]
@@ -33,6 +51,32 @@ def test_train_transform_is_the_deit_recipe() -> None:
     assert erasing.probability == 0.25 and erasing.mode == "pixel"
     out = transform(_image())
     assert out.shape == (3, 224, 224) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_uint8_crop_takes_timms_box_and_pillows_pixels(seed: int) -> None:
+    image = _smooth_image()
+    reference = RandomResizedCropAndInterpolation(224, interpolation="bicubic")
+    faster = classification_transform(True, 224).transforms[0]
+    assert isinstance(faster, RandomResizedCropUint8)
+    random.seed(seed)
+    expected = np.asarray(reference(image), dtype=np.int16)
+    after_reference = random.random()
+    random.seed(seed)
+    got = np.asarray(faster(image), dtype=np.int16)
+    assert random.random() == after_reference  # the same random numbers drawn
+    difference = np.abs(got - expected)
+    # Another box would differ by tens of levels; the kernels differ by rounding only.
+    assert got.shape == (224, 224, 3) and difference.max() <= 2 and difference.mean() < 0.1
+
+
+def test_pil_to_normalized_float_is_to_tensor_then_normalize() -> None:
+    image = _image(64, 48)
+    expected = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)(T.ToTensor()(image))
+    got = PilToNormalizedFloat(IMAGENET_MEAN, IMAGENET_STD)(image)
+    assert got.dtype == torch.float32 and torch.allclose(got, expected, atol=1e-5)
+    with pytest.raises(TypeError, match="3-channel 8-bit images; got a L image"):
+        PilToNormalizedFloat(IMAGENET_MEAN, IMAGENET_STD)(image.convert("L"))
 
 
 def test_posterize_keeping_no_bits_blackens_the_image() -> None:

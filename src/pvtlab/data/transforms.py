@@ -3,10 +3,16 @@
 Training: RandomResizedCrop (bicubic), horizontal flip, RandAugment, normalisation, random
 erasing. Evaluation: resize the shorter side to ``image_size / crop_pct`` (256 for 224 at the
 default 0.875), centre crop, normalise. Mixup / CutMix act on whole batches and live in the task.
+
+timm builds both; two of its training steps are swapped for faster ones that draw the same
+random numbers: the crop is resampled by torch's vectorised uint8 kernel instead of Pillow's
+(half the time of the recipe's slowest step), and tensor conversion and normalisation are one
+pass over the pixels.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,6 +20,9 @@ import torch
 from PIL import Image
 from timm.data import auto_augment, create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation
+from torchvision.transforms import Normalize
+from torchvision.transforms.v2 import functional as TF
 
 # ImageNet statistics: every pvtlab backbone is trained (and released weights were) with these.
 IMAGENET_MEAN: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)
@@ -29,6 +38,48 @@ def normalize_pixels(
     std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
     shift = -torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) / std_t
     return torch.addcmul(shift, image, 1 / std_t)
+
+
+class RandomResizedCropUint8(RandomResizedCropAndInterpolation):
+    """timm's RandomResizedCropAndInterpolation (the same crop boxes from the same random
+    numbers), resampled on the uint8 pixels by torch's antialiased kernel, which is vectorised
+    on x86 CPUs: 2x faster than Pillow on the ImageNet recipe's crops. The pixels differ from
+    Pillow's by rounding (on the benchmark's 500 px shapes images, 3% of them by 1-6 levels,
+    at the shapes' sharp edges)."""
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        top, left, height, width = self.get_params(image, self.scale, self.ratio)
+        interpolation = self.interpolation
+        if isinstance(interpolation, tuple | list):
+            interpolation = random.choice(interpolation)
+        pixels = TF.pil_to_tensor(image)
+        crop = TF.resized_crop(
+            pixels, top, left, height, width, list(self.size), interpolation, antialias=True
+        )
+        return TF.to_pil_image(crop)
+
+
+class PilToNormalizedFloat:
+    """A PIL image to a float32 (C, H, W) tensor normalised by `mean` and `std` (0-1 scale):
+    torchvision's ToTensor then Normalize, in one multiply-add from the uint8 pixels."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self._pixel_mean = [255 * m for m in self.mean]
+        self._pixel_std = [255 * s for s in self.std]
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        pixels = TF.pil_to_tensor(image)
+        if pixels.dtype != torch.uint8 or pixels.shape[0] != len(self.mean):
+            raise TypeError(
+                f"PilToNormalizedFloat takes {len(self.mean)}-channel 8-bit images; got a "
+                f"{image.mode} image"
+            )
+        return normalize_pixels(pixels, self._pixel_mean, self._pixel_std)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mean={self.mean}, std={self.std})"
 
 
 # The paper's evaluation crop: resize 256, centre crop 224.
@@ -84,7 +135,22 @@ def classification_transform(
         std=tuple(std),
     )
     _posterize_zero_bits_to_black(transform)
+    _use_faster_pixel_steps(transform.transforms, mean, std)
     return transform
+
+
+def _use_faster_pixel_steps(steps: list[Any], mean: Sequence[float], std: Sequence[float]) -> None:
+    """Swap, in timm's list of steps, its random resized crop for `RandomResizedCropUint8` and
+    its ToTensor + Normalize(mean, std) pair for `PilToNormalizedFloat`."""
+    for index, step in enumerate(steps):
+        if type(step) is RandomResizedCropAndInterpolation:
+            faster = RandomResizedCropUint8(step.size, step.scale, step.ratio)
+            faster.interpolation = step.interpolation
+            steps[index] = faster
+    for index in range(len(steps) - 2, -1, -1):
+        to_tensor, normalize = steps[index : index + 2]
+        if isinstance(to_tensor, MaybeToTensor) and isinstance(normalize, Normalize):
+            steps[index : index + 2] = [PilToNormalizedFloat(mean, std)]
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
