@@ -55,9 +55,9 @@ def test_train_transform_is_the_deit_recipe() -> None:
 
 @pytest.mark.parametrize("seed", range(8))
 def test_uint8_crop_takes_timms_box_and_pillows_pixels(seed: int) -> None:
-    image = _smooth_image()
-    reference = RandomResizedCropAndInterpolation(224, interpolation="bicubic")
-    faster = classification_transform(True, 224).transforms[0]
+    image = _smooth_image()  # crops of 30-100% of its area: torch's kernel resamples them all
+    reference = RandomResizedCropAndInterpolation(224, scale=(0.3, 1.0), interpolation="bicubic")
+    faster = classification_transform(True, 224, scale=(0.3, 1.0)).transforms[0]
     assert isinstance(faster, RandomResizedCropUint8)
     random.seed(seed)
     expected = np.asarray(reference(image), dtype=np.int16)
@@ -66,8 +66,21 @@ def test_uint8_crop_takes_timms_box_and_pillows_pixels(seed: int) -> None:
     got = np.asarray(faster(image), dtype=np.int16)
     assert random.random() == after_reference  # the same random numbers drawn
     difference = np.abs(got - expected)
-    # Another box would differ by tens of levels; the kernels differ by rounding only.
-    assert got.shape == (224, 224, 3) and difference.max() <= 2 and difference.mean() < 0.1
+    # Another box would differ by tens of levels; the kernels differ by rounding only, and
+    # some rounding differs (Pillow itself resampled it otherwise).
+    assert got.shape == (224, 224, 3) and 1 <= difference.max() <= 2
+    assert difference.mean() < 0.1
+
+
+def test_small_crops_stay_pillows() -> None:
+    image = _smooth_image(64, 64)
+    reference = RandomResizedCropAndInterpolation(64, interpolation="bicubic")
+    faster = RandomResizedCropUint8(64, interpolation="bicubic")
+    for seed in range(5):
+        random.seed(seed)
+        expected = np.asarray(reference(image))
+        random.seed(seed)
+        assert np.array_equal(np.asarray(faster(image)), expected)
 
 
 def test_pil_to_normalized_float_is_to_tensor_then_normalize() -> None:
