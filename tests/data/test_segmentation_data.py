@@ -67,7 +67,7 @@ def test_zero_label_becomes_ignore_and_classes_shift(tiny_ade: Path) -> None:
     dataset = SegmentationFolder(tiny_ade, "training", num_classes=2)
     image, label = dataset.load(0)
     assert image.shape == (3, 40, 60) and image.dtype == torch.uint8
-    assert label.dtype == torch.long
+    assert label.dtype == torch.uint8  # int64 after the transform
     assert set(label.unique().tolist()) == {0, 1, 255}
     assert (label[:2] == 255).all()  # stored 0
     assert label[5, 0] == 0 and label[5, -1] == 1  # stored 1 -> 0, 2 -> 1
@@ -89,6 +89,37 @@ def test_label_beyond_class_count_names_the_file(tmp_path: Path) -> None:
         LabelMapError, match=r"bad\.png holds label values \[7\] beyond the 2 classes"
     ):
         dataset[0]
+
+
+@pytest.mark.parametrize("mode", ["P", "I;16"])
+def test_palette_and_16_bit_label_maps_read_as_8_bit_ones(tiny_ade: Path, mode: str) -> None:
+    expected = SegmentationFolder(tiny_ade, "training", num_classes=2).load(0)[1]
+    path = tiny_ade / "annotations" / "training" / "a.png"
+    stored = np.asarray(Image.open(path))
+    if mode == "P":
+        recoded = Image.fromarray(stored, mode="L").convert("P")  # index = grey value
+        recoded.putpalette([v for grey in range(256) for v in (grey, 0, 0)])
+    else:
+        recoded = Image.fromarray(stored.astype(np.uint16))
+    recoded.save(path)
+    assert Image.open(path).mode == mode
+    label = SegmentationFolder(tiny_ade, "training", num_classes=2).load(0)[1]
+    assert torch.equal(label, expected)
+
+
+def test_16_bit_label_beyond_a_byte_names_the_file(tmp_path: Path) -> None:
+    write_pair(tmp_path, "training", "wide", make_label(20, 20))
+    stored = make_label(20, 20).astype(np.uint16)
+    stored[3, 3] = 300
+    Image.fromarray(stored).save(tmp_path / "annotations" / "training" / "wide.png")
+    dataset = SegmentationFolder(tmp_path, "training", num_classes=2)
+    with pytest.raises(LabelMapError, match=r"wide\.png holds label values \[300\] beyond"):
+        dataset[0]
+
+
+def test_class_count_beyond_a_byte_is_refused(tiny_ade: Path) -> None:
+    with pytest.raises(ValueError, match="num_classes=300 must be at most 255"):
+        SegmentationFolder(tiny_ade, "training", num_classes=300)
 
 
 def test_label_of_another_size_names_the_file(tmp_path: Path) -> None:
@@ -166,6 +197,21 @@ def test_cat_max_crop_keeps_one_class_under_the_cap() -> None:
     uncapped = dominant_share(RandomCropCatMax((40, 40), cat_max_ratio=1.0))
     assert max(capped) < 0.75
     assert sum(s >= 0.75 for s in uncapped) > 30  # about 36% of uncapped crops break the cap
+
+
+def test_cat_max_crop_counts_labelled_pixels_only() -> None:
+    # Columns: 60 ignored, then 25 of class 0 and 15 of class 1. A 40-wide crop keeps class 0
+    # under 75% of its labelled pixels only from column 54 on; counting the ignored pixels as a
+    # class would also let through crops that hold class 0 alone.
+    label = torch.full((40, 100), 255, dtype=torch.uint8)
+    label[:, 60:85], label[:, 85:] = 0, 1
+    crop = RandomCropCatMax((40, 40), cat_max_ratio=0.75, attempts=200)
+    torch.manual_seed(0)
+    for _ in range(100):
+        _, window = crop(torch.zeros(3, 40, 100), label)
+        labelled = window[window != 255]
+        counts = torch.bincount(labelled.long(), minlength=2).float()
+        assert float(counts.max() / counts.sum()) < 0.75
 
 
 def test_flip_moves_image_and_label_together() -> None:

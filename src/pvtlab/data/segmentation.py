@@ -62,7 +62,7 @@ class SegmentationFolder(Dataset):
         root: data set folder holding `images/<split>` and `annotations/<split>`.
         split: `training`, `validation` (or any folder name present in both).
         num_classes: classes after the zero-label shift (150 for ADE20K).
-        transform: `(image uint8 (3,H,W), label (H,W)) -> (image float, label int64)`.
+        transform: `(image uint8 (3,H,W), label uint8 (H,W)) -> (image float, label int64)`.
         reduce_zero_label: map 0 to `ignore_index` and shift the other classes down by one.
     """
 
@@ -82,10 +82,17 @@ class SegmentationFolder(Dataset):
         self.reduce_zero_label = reduce_zero_label
         self.ignore_index = ignore_index
         self.samples = self._pairs()
-        # Stored label values -> training labels, one lookup table for every map.
-        lookup = torch.full((256,), ignore_index, dtype=torch.long)
+        # Stored label values -> training labels, one lookup table for every map. Labels stay
+        # uint8 until the transform's end: the crop counts classes and the resize runs on a
+        # byte a pixel rather than eight.
+        if not 0 <= ignore_index <= 255 or self.num_classes > 255:
+            raise ValueError(
+                f"label maps hold 8-bit class indices: num_classes={self.num_classes} must be at "
+                f"most 255 and ignore_index={ignore_index} within 0..255"
+            )
+        lookup = np.full(256, ignore_index, dtype=np.uint8)
         offset = 1 if reduce_zero_label else 0
-        lookup[offset : offset + self.num_classes] = torch.arange(self.num_classes)
+        lookup[offset : offset + self.num_classes] = np.arange(self.num_classes)
         self.lookup = lookup
         self.max_stored = self.num_classes if reduce_zero_label else self.num_classes - 1
 
@@ -113,7 +120,7 @@ class SegmentationFolder(Dataset):
         return len(self.samples)
 
     def load(self, index: int) -> tuple[Tensor, Tensor]:
-        """The stored image (uint8, 3xHxW) and training label map (int64, HxW), checked."""
+        """The stored image (uint8, 3xHxW) and training label map (uint8, HxW), checked."""
         image_path, label_path = self.samples[index]
         try:
             with Image.open(image_path) as handle:
@@ -125,23 +132,23 @@ class SegmentationFolder(Dataset):
                 raise LabelMapError(
                     f"{label_path} is a {handle.mode} image; a label map is a single-channel PNG of class indices"
                 )
-            stored = torch.from_numpy(np.array(handle, dtype=np.int64))
+            stored = np.asarray(handle)
+            values = _values_present(handle, stored)
         if tuple(stored.shape) != tuple(image.shape[-2:]):
             raise LabelMapError(
                 f"{label_path} is {stored.shape[1]}x{stored.shape[0]} (WxH) but its image {image_path.name} is "
                 f"{image.shape[2]}x{image.shape[1]}; a label map must match its image's size"
             )
-        bad = (stored > self.max_stored) & (stored != self.ignore_index) | (stored < 0)
-        if bad.any():
-            values = sorted(set(stored[bad].unique().tolist()))[:10]
+        bad = [v for v in values if v < 0 or (v > self.max_stored and v != self.ignore_index)]
+        if bad:
             valid = f"0..{self.max_stored}" + (
                 " (0 = unlabelled)" if self.reduce_zero_label else ""
             )
             raise LabelMapError(
-                f"{label_path} holds label values {values} beyond the {self.num_classes} classes; "
+                f"{label_path} holds label values {bad[:10]} beyond the {self.num_classes} classes; "
                 f"valid values are {valid} or {self.ignore_index} (ignored)"
             )
-        return image, self.lookup[stored]
+        return image, torch.from_numpy(self.lookup[stored])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, label = self.load(index)
@@ -154,6 +161,14 @@ class SegmentationFolder(Dataset):
             "name": self.samples[index][0].stem,
             "original_size": (height, width),
         }
+
+
+def _values_present(handle: Image.Image, stored: np.ndarray) -> list[int]:
+    """The distinct values of a label map, ascending: from Pillow's histogram for 8-bit maps
+    (one pass in C), else from the array."""
+    if handle.mode in ("L", "P"):
+        return [value for value, count in enumerate(handle.histogram()) if count]
+    return np.unique(stored).tolist()
 
 
 def default_class_names(root: Path, num_classes: int) -> tuple[str, ...]:

@@ -97,7 +97,9 @@ class RandomCropCatMax:
         if self.cat_max_ratio < 1.0:
             for _ in range(self.attempts):
                 window = label[top : top + crop_h, left : left + crop_w]
-                counts = torch.bincount(window[window != self.ignore_index].long().reshape(-1))
+                counts = torch.bincount(window.reshape(-1))
+                if self.ignore_index < counts.numel():
+                    counts[self.ignore_index] = 0
                 counts = counts[counts > 0]
                 if counts.numel() > 1 and counts.max() < self.cat_max_ratio * counts.sum():
                     break
