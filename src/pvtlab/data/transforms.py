@@ -4,10 +4,11 @@ Training: RandomResizedCrop (bicubic), horizontal flip, RandAugment, normalisati
 erasing. Evaluation: resize the shorter side to ``image_size / crop_pct`` (256 for 224 at the
 default 0.875), centre crop, normalise. Mixup / CutMix act on whole batches and live in the task.
 
-timm builds both; two of its training steps are swapped for faster ones that draw the same
-random numbers: the crop is resampled by torch's vectorised uint8 kernel instead of Pillow's
-(half the time of the recipe's slowest step), and tensor conversion and normalisation are one
-pass over the pixels.
+timm builds both, with two steps swapped for faster ones that draw the same random numbers:
+the training crop is resampled by torch's vectorised uint8 kernel instead of Pillow's (half
+the time of the recipe's slowest step), and in both, tensor conversion and normalisation are
+one pass over the pixels. The evaluation resize stays Pillow's, the protocol the released
+weights were scored with.
 """
 
 from __future__ import annotations
