@@ -97,7 +97,7 @@ def test_palette_and_16_bit_label_maps_read_as_8_bit_ones(tiny_ade: Path, mode: 
     path = tiny_ade / "annotations" / "training" / "a.png"
     stored = np.asarray(Image.open(path))
     if mode == "P":
-        recoded = Image.fromarray(stored, mode="L").convert("P")  # index = grey value
+        recoded = Image.fromarray(stored).convert("P")  # palette index = grey value
         recoded.putpalette([v for grey in range(256) for v in (grey, 0, 0)])
     else:
         recoded = Image.fromarray(stored.astype(np.uint16))

@@ -66,8 +66,8 @@ def test_uint8_crop_takes_timms_box_and_pillows_pixels(seed: int) -> None:
     got = np.asarray(faster(image), dtype=np.int16)
     assert random.random() == after_reference  # the same random numbers drawn
     difference = np.abs(got - expected)
-    # Another box would differ by tens of levels; the kernels differ by rounding only, and
-    # some rounding differs (Pillow itself resampled it otherwise).
+    # Another box would differ by tens of levels. Torch's kernel rounds a few pixels otherwise
+    # than Pillow's: no difference at all would mean that Pillow resampled.
     assert got.shape == (224, 224, 3) and 1 <= difference.max() <= 2
     assert difference.mean() < 0.1
 

@@ -83,8 +83,7 @@ class SegmentationFolder(Dataset):
         self.ignore_index = ignore_index
         self.samples = self._pairs()
         # Stored label values -> training labels, one lookup table for every map. Labels stay
-        # uint8 until the transform's end: the crop counts classes and the resize runs on a
-        # byte a pixel rather than eight.
+        # uint8 (a byte a pixel) until the transform's end, which makes them int64.
         if not 0 <= ignore_index <= 255 or self.num_classes > 255:
             raise ValueError(
                 f"label maps hold 8-bit class indices: num_classes={self.num_classes} must be at "
