@@ -10,7 +10,8 @@ test score threshold 0.05, class-wise NMS 0.5, at most 100 detections per image.
 
 Labels outside this module are 0-based like every pvtlab detection head; torchvision's Mask
 R-CNN reserves 0 for background, so `MaskRCNNDetector` shifts them by one on the way in and out.
-Images are not resized here (see `pvtlab.models.heads.retinanet.PaddingTransform`).
+Images are not resized here (see `pvtlab.models.heads.retinanet.PaddingTransform`). RoIs pool
+through `pvtlab.models.heads.roi_align`, whose CPU backward is faster than torchvision's.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from pvtlab.models.heads.fpn import BackboneWithFPN
 from pvtlab.models.heads.retinanet import ASPECT_RATIOS, PaddingTransform
+from pvtlab.models.heads.roi_align import MultiScaleRoIAlignFastBackward
 
 RPN_ANCHOR_SIZES = ((32,), (64,), (128,), (256,), (512,))
 
@@ -117,10 +118,10 @@ def build_mask_rcnn(
         rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
         rpn_nms_thresh=rpn_nms_thresh,
         rpn_batch_size_per_image=rpn_batch_size_per_image,
-        box_roi_pool=MultiScaleRoIAlign(names, output_size=7, sampling_ratio=sampling_ratio),
+        box_roi_pool=MultiScaleRoIAlignFastBackward(names, 7, sampling_ratio),
         box_head=TwoMLPHead(fpn_channels * 7 * 7, box_head_dim),
         box_predictor=FastRCNNPredictor(box_head_dim, num_classes + 1),
-        mask_roi_pool=MultiScaleRoIAlign(names, output_size=14, sampling_ratio=sampling_ratio),
+        mask_roi_pool=MultiScaleRoIAlignFastBackward(names, 14, sampling_ratio),
         mask_head=MaskRCNNHeads(fpn_channels, mask_head_channels, dilation=1),
         mask_predictor=MaskRCNNPredictor(
             mask_head_channels[-1], mask_head_channels[-1], num_classes + 1
