@@ -80,6 +80,14 @@ def test_detectors_quick(tmp_path: Path) -> None:
         row = next(line for line in evaluation.splitlines() if line.startswith(f"| {iou_type} |"))
         cells = [cell.strip() for cell in row.split("|")[1:-1]]
         assert float(cells[3]) > 0 and float(cells[4]) > 0 and float(cells[6]) < 1e-9
+    roi_align = text.split("## RoIAlign backward")[1]
+    taken = {}
+    for case in ("small map", "large map"):  # both paths timed; the gate's choice shown
+        row = next(line for line in roi_align.splitlines() if line.startswith(f"| {case} |"))
+        cells = [cell.strip() for cell in row.split("|")[1:-1]]
+        assert float(cells[5]) > 0 and float(cells[6]) > 0
+        taken[case] = cells[8]
+    assert taken == {"small map": "products", "large map": "torchvision"}
 
 
 @pytest.mark.slow

@@ -13,7 +13,12 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import roi_align as torchvision_roi_align
 
 from pvtlab.models.heads import roi_align as module
-from pvtlab.models.heads.roi_align import MultiScaleRoIAlignFastBackward, roi_align, use_products
+from pvtlab.models.heads.roi_align import (
+    MultiScaleRoIAlignFastBackward,
+    RoIAlignSettings,
+    roi_align,
+    use_products,
+)
 
 
 def _rois(count: int, images: int, map_size: int, scale: float, seed: int) -> Tensor:
@@ -85,9 +90,10 @@ def test_products_backward_takes_bfloat16_under_autocast(monkeypatch: pytest.Mon
 
 def test_products_are_chosen_for_small_maps_only() -> None:
     rois = torch.tensor([[0.0, 8.0, 8.0, 40.0, 48.0]] * 4)
-    assert use_products(rois, 0.25, (7, 7), (16, 16), 0, False)  # the shapes recipe's P2
-    assert not use_products(rois, 0.25, (7, 7), (200, 336), 0, False)  # COCO's P2
-    assert not use_products(rois[:0], 0.25, (7, 7), (16, 16), 0, False)  # no RoIs
+    settings = RoIAlignSettings((7, 7), spatial_scale=0.25, sampling_ratio=0)
+    assert use_products(rois, (16, 16), settings)  # the shapes recipe's P2
+    assert not use_products(rois, (200, 336), settings)  # COCO's P2
+    assert not use_products(rois[:0], (16, 16), settings)  # no RoIs
 
 
 def test_without_gradient_the_call_is_torchvision_s(monkeypatch: pytest.MonkeyPatch) -> None:

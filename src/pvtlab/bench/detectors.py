@@ -1,7 +1,8 @@
 """Detector benchmark (paper Table 11 setting): inference latency per image of RetinaNet with
 PVT-Small at shorter side 640 and 800 against ResNet50 at 800, and of DETR and Mask R-CNN with
 PVT-Small; AP on shapes from the `table11_speed_smoke` sweep when one has been run; and the time
-COCO evaluation takes (`pvtlab.bench.evaluation`).
+COCO evaluation takes (`pvtlab.bench.evaluation`) and Mask R-CNN's RoIAlign backward on the CPU
+(`pvtlab.bench.roi_align`).
 
     python src/bench.py suites=[detectors] [quick=true]
 
@@ -30,6 +31,7 @@ from pvtlab.bench import (
 from pvtlab.bench.attention import attention_precision
 from pvtlab.bench.evaluation import evaluation_section, evaluation_times
 from pvtlab.bench.plots import bar_chart, new_figure, save_figure
+from pvtlab.bench.roi_align import roi_align_backward_times, roi_align_section
 from pvtlab.bench.steps import compose_run
 from pvtlab.models.attention import cpu_explicit_attention_max_scores
 
@@ -246,6 +248,7 @@ def run(out_dir: Path, quick: bool, log_dir: Path = Path("outputs")) -> list[Pat
             + markdown_table(["ratio", "pvtlab", "paper"], ratio_rows)
         )
     sections.append(evaluation_section(evaluation_times(quick)))
+    sections.append(roi_align_section(roi_align_backward_times(quick)))
     png = _plot(plan, latencies, ap, out_dir / "detectors.png")
     sections.append(f"![Detector latency and AP]({png.name})\n")
     return [write_report(out_dir / "detectors.md", *sections), png]

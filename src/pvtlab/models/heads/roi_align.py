@@ -9,12 +9,16 @@ weights. So a RoI's output is ``Ay @ F @ Ax^T`` per channel, with ``Ay`` (bins x
 product and one product per image, which run at the matrix-multiply rate on every core.
 
 Those products cover the whole map, not just the RoI, so they cost ``W * (bins + H)``
-multiply-adds per output row against the kernel's ``bins * samples``; on large maps the kernel
-wins and stays in use (`use_products`). The forward pass is torchvision's everywhere, and so is
-the backward on GPUs, where torchvision's kernel is fast.
+multiply-adds per output row against the kernel's ``bins * samples``, and hold a float32
+(RoIs x bins x channels x W) buffer (235 MB for 512 RoIs of 7 x 7 bins on a 64 x 64 map of 256
+channels); on large maps (COCO's P2 at 800 x 1333) the kernel wins and stays in use
+(`use_products`). The forward pass is torchvision's everywhere, and so is the backward on GPUs,
+where torchvision's kernel is fast.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -22,13 +26,32 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import roi_align as torchvision_roi_align
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
-__all__ = ["MultiScaleRoIAlignFastBackward", "roi_align", "use_products"]
+__all__ = [
+    "MultiScaleRoIAlignFastBackward",
+    "RoIAlignSettings",
+    "backward_by_products",
+    "roi_align",
+    "samples_per_bin",
+    "use_products",
+]
 
-# Multiply-adds of the products that take as long as one bilinear sample of torchvision's CPU
-# backward (per channel). Measured on 2 cores (AMD EPYC, torch 2.14, 2026-12-05, 24 shapes of
-# map, RoIs and bins): the two broke even between 120 and 170, and every shape at 94 or less ran
-# 1.9-10x faster by the products. More cores only favour the products: the kernel has one thread.
-PRODUCTS_PER_SAMPLE = 100.0
+# Multiply-adds of the products that take as long as one bilinear sample (per channel) of
+# torchvision's CPU backward. Measured on 2 cores (AMD EPYC, torch 2.14, 2026-12-05, maps of
+# 8x8 to 200x336 px, 43-512 RoIs, 7x7 and 14x14 bins): the two broke even between 640 and 1280
+# with freed memory reused (`pvtlab.utils.allocator`, the entry points' setting) and between 450
+# and 620 under glibc's default; at 450 or less the products ran 1.19-20x faster under either.
+# More cores only favour the products: the kernel runs on one thread.
+PRODUCTS_PER_SAMPLE = 400.0
+
+
+@dataclass(frozen=True)
+class RoIAlignSettings:
+    """One RoIAlign call's parameters, as `torchvision.ops.roi_align` takes them."""
+
+    output_size: tuple[int, int]  # bins, (rows, columns)
+    spatial_scale: float = 1.0  # map pixels per image pixel
+    sampling_ratio: int = -1  # samples per bin side; <= 0: ceil(RoI side / bins)
+    aligned: bool = False  # shift boxes by half a pixel (torchvision's aligned mode)
 
 
 def _bin_grid(extent: Tensor, bins: int, sampling_ratio: int) -> Tensor:
@@ -64,62 +87,55 @@ def _axis_weights(start: Tensor, extent: Tensor, bins: int, grid: Tensor, size: 
 
 
 def _roi_geometry(
-    rois: Tensor, spatial_scale: float, output_size: tuple[int, int], aligned: bool
+    rois: Tensor, settings: RoIAlignSettings
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Start and extent of every RoI on the map, (y, x) each, as torchvision computes them."""
-    offset = 0.5 if aligned else 0.0
-    x1, y1, x2, y2 = (rois[:, 1:].float() * spatial_scale - offset).unbind(1)
+    offset = 0.5 if settings.aligned else 0.0
+    x1, y1, x2, y2 = (rois[:, 1:].float() * settings.spatial_scale - offset).unbind(1)
     height, width = y2 - y1, x2 - x1
-    if not aligned:  # torchvision's legacy mode: every RoI at least a pixel wide
+    if not settings.aligned:  # torchvision's legacy mode: every RoI at least a pixel wide
         height, width = height.clamp(min=1.0), width.clamp(min=1.0)
     return y1, height, x1, width
 
 
-def use_products(
-    rois: Tensor,
-    spatial_scale: float,
-    output_size: tuple[int, int],
-    map_size: tuple[int, int],
-    sampling_ratio: int,
-    aligned: bool,
-) -> bool:
-    """Whether the products' backward is estimated faster than torchvision's CPU kernel."""
+def samples_per_bin(rois: Tensor, settings: RoIAlignSettings) -> Tensor:
+    """(RoIs,): the bilinear samples averaged in each bin of each RoI, as torchvision counts."""
+    _, height, _, width = _roi_geometry(rois, settings)
+    (bins_y, bins_x), ratio = settings.output_size, settings.sampling_ratio
+    return _bin_grid(height, bins_y, ratio) * _bin_grid(width, bins_x, ratio)
+
+
+def use_products(rois: Tensor, map_size: tuple[int, int], settings: RoIAlignSettings) -> bool:
+    """Whether the products' backward is estimated faster than torchvision's CPU kernel on a
+    (rows, columns) `map_size` feature map."""
     if rois.shape[0] == 0:
         return False
-    _, height, _, width = _roi_geometry(rois, spatial_scale, output_size, aligned)
-    samples = _bin_grid(height, output_size[0], sampling_ratio)
-    samples = samples * _bin_grid(width, output_size[1], sampling_ratio)
-    kernel_samples = output_size[1] * float(samples.mean())
-    products = map_size[1] * (output_size[1] + map_size[0])
+    bins_x = settings.output_size[1]
+    kernel_samples = bins_x * float(samples_per_bin(rois, settings).mean())
+    products = map_size[1] * (bins_x + map_size[0])
     return products <= PRODUCTS_PER_SAMPLE * kernel_samples
 
 
-def _backward_by_products(
-    grad: Tensor,
-    rois: Tensor,
-    spatial_scale: float,
-    output_size: tuple[int, int],
-    feature_shape: torch.Size,
-    sampling_ratio: int,
-    aligned: bool,
+def backward_by_products(
+    grad: Tensor, rois: Tensor, feature_shape: torch.Size, settings: RoIAlignSettings
 ) -> Tensor:
     """The gradient of RoIAlign's feature map, in float32: sum over RoIs of Ay^T @ G @ Ax."""
     batch, channels, height, width = feature_shape
-    bins_y, bins_x = output_size
+    bins_y, bins_x = settings.output_size
     count = rois.shape[0]
     grad = grad.float()
-    y1, roi_height, x1, roi_width = _roi_geometry(rois, spatial_scale, output_size, aligned)
-    grid_y = _bin_grid(roi_height, bins_y, sampling_ratio)
-    grid_x = _bin_grid(roi_width, bins_x, sampling_ratio)
+    y1, roi_height, x1, roi_width = _roi_geometry(rois, settings)
+    grid_y = _bin_grid(roi_height, bins_y, settings.sampling_ratio)
+    grid_x = _bin_grid(roi_width, bins_x, settings.sampling_ratio)
     rows = _axis_weights(y1, roi_height, bins_y, grid_y, height)  # (R, bins_y, H)
     columns = _axis_weights(x1, roi_width, bins_x, grid_x, width)  # (R, bins_x, W)
 
-    # G @ Ax, then grouped by image so that each image's RoIs sum in one product over (RoI, bin).
-    by_columns = torch.bmm(grad.reshape(count, channels * bins_y, bins_x), columns)
+    # Grouped by image, so that each image's RoIs sum in one product over (RoI, bin); the small
+    # tensors are reordered, so that G @ Ax comes out as (RoI, bin_y, channel, column) rows.
     image = rois[:, 0].long()
     order = torch.argsort(image, stable=True)
-    by_columns = by_columns.view(count, channels, bins_y, width)[order]
-    by_columns = by_columns.transpose(1, 2).reshape(count * bins_y, channels * width)
+    grad = grad[order].permute(0, 2, 1, 3).reshape(count, bins_y * channels, bins_x)
+    by_columns = torch.bmm(grad, columns[order]).view(count * bins_y, channels * width)
     rows = rows[order].reshape(count * bins_y, height)
     out = grad.new_zeros(batch, height, channels * width)
     first = 0
@@ -132,30 +148,34 @@ def _backward_by_products(
 
 
 class _RoIAlignProductsBackward(torch.autograd.Function):
-    """torchvision's RoIAlign forward; the backward by `_backward_by_products`."""
+    """torchvision's RoIAlign forward; the backward by `backward_by_products`."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx,
         features: Tensor,
         rois: Tensor,
-        spatial_scale: float,
-        output_size: tuple[int, int],
-        sampling_ratio: int,
-        aligned: bool,
+        settings: RoIAlignSettings,
     ) -> Tensor:
         ctx.save_for_backward(rois)
-        ctx.settings = (spatial_scale, output_size, features.shape, sampling_ratio, aligned)
-        ctx.feature_dtype = features.dtype
+        ctx.settings = settings
+        ctx.feature_shape, ctx.feature_dtype = features.shape, features.dtype
         return torch.ops.torchvision.roi_align(
-            features, rois, spatial_scale, *output_size, sampling_ratio, aligned
+            features,
+            rois,
+            settings.spatial_scale,
+            *settings.output_size,
+            settings.sampling_ratio,
+            settings.aligned,
         )
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple:  # type: ignore[override]
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: Tensor
+    ) -> tuple[Tensor, None, None]:
         (rois,) = ctx.saved_tensors
-        grad_features = _backward_by_products(grad, rois, *ctx.settings)
-        return grad_features.to(ctx.feature_dtype), None, None, None, None, None
+        grad_features = backward_by_products(grad, rois, ctx.feature_shape, ctx.settings)
+        return grad_features.to(ctx.feature_dtype), None, None
 
 
 def roi_align(
@@ -168,17 +188,14 @@ def roi_align(
 ) -> Tensor:
     """`torchvision.ops.roi_align` on (K, 5) `rois` (image index, x1, y1, x2, y2); where the
     gradient reaches CPU features and `use_products` says so, the backward is the products'."""
+    settings = RoIAlignSettings(tuple(output_size), spatial_scale, sampling_ratio, aligned)
     if (
         features.requires_grad
         and torch.is_grad_enabled()
         and features.device.type == "cpu"
-        and use_products(
-            rois, spatial_scale, output_size, features.shape[-2:], sampling_ratio, aligned
-        )
+        and use_products(rois, features.shape[-2:], settings)
     ):
-        return _RoIAlignProductsBackward.apply(
-            features, rois, spatial_scale, output_size, sampling_ratio, aligned
-        )
+        return _RoIAlignProductsBackward.apply(features, rois, settings)
     return torchvision_roi_align(
         features, rois, output_size, spatial_scale, sampling_ratio, aligned
     )
