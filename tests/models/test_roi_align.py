@@ -23,12 +23,13 @@ from pvtlab.models.heads.roi_align import (
 
 def _rois(count: int, images: int, map_size: int, scale: float, seed: int) -> Tensor:
     """(count, 5) RoIs in image pixels: some reach past the map's edges, some under a pixel wide,
-    image indices unsorted, the last image without any RoI."""
+    some inverted (x2 < x1, y2 < y1), image indices unsorted, the last image without any RoI."""
     generator = torch.Generator().manual_seed(seed)
     image_size = map_size / scale
     corner = torch.rand(count, 2, generator=generator) * (image_size * 1.2) - 0.1 * image_size
     size = torch.rand(count, 2, generator=generator) * image_size * 0.6
     size[: count // 8] *= 0.01  # degenerate RoIs
+    size[-(count // 8) :] *= -1  # inverted: no samples when aligned, one pixel wide when not
     image = torch.randint(0, images - 1, (count, 1), generator=generator).float()
     return torch.cat([image, corner, corner + size], dim=1)
 
@@ -102,7 +103,7 @@ def test_without_gradient_the_call_is_torchvision_s(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(module, "use_products", refuse)
     rois = _rois(5, images=2, map_size=8, scale=1.0, seed=0)
-    out = roi_align(torch.randn(2, 3, 8, 8), rois, (7, 7), 1.0, 2)
+    out = roi_align(torch.randn(2, 3, 8, 8), rois, 7, 1.0, 2)  # one int: square, as torchvision
     assert out.shape == (5, 3, 7, 7)
 
 

@@ -181,14 +181,15 @@ class _RoIAlignProductsBackward(torch.autograd.Function):
 def roi_align(
     features: Tensor,
     rois: Tensor,
-    output_size: tuple[int, int],
+    output_size: int | tuple[int, int],
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
     aligned: bool = False,
 ) -> Tensor:
     """`torchvision.ops.roi_align` on (K, 5) `rois` (image index, x1, y1, x2, y2); where the
     gradient reaches CPU features and `use_products` says so, the backward is the products'."""
-    settings = RoIAlignSettings(tuple(output_size), spatial_scale, sampling_ratio, aligned)
+    bins = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    settings = RoIAlignSettings(bins, spatial_scale, sampling_ratio, aligned)
     if (
         features.requires_grad
         and torch.is_grad_enabled()
