@@ -12,7 +12,12 @@ from torchvision.ops import box_convert
 from pvtlab.models import create_backbone
 from pvtlab.models.heads.detr import DETR, PositionEmbeddingSine, build_detr
 from pvtlab.models.heads.detr_criterion import SetCriterion
-from pvtlab.models.heads.detr_matcher import HungarianMatcher, hungarian_match, match_cost
+from pvtlab.models.heads.detr_matcher import (
+    HungarianMatcher,
+    hungarian_match,
+    hungarian_match_layers,
+    match_cost,
+)
 from tests.models.test_detection_heads import TinyPyramid
 
 K = 3  # object classes; slot K is "no object"
@@ -67,6 +72,21 @@ def test_matcher_costs_by_hand() -> None:
     target = torch.tensor([[0.6, 0.5, 0.2, 0.2]])  # shifted by half a width: IoU 1/3, GIoU 1/3
     cost = match_cost(logits, box, torch.tensor([1]), target, 1.0, 5.0, 2.0)
     assert float(cost) == pytest.approx(-0.25 + 5 * 0.1 - 2 / 3, abs=1e-5)
+
+
+def test_layers_matched_together_as_each_alone() -> None:
+    layers = 4
+    outputs = _random_outputs(batch=2, queries=6, layers=layers, seed=5)
+    logits = torch.cat([outputs["aux_logits"], outputs["logits"][None]])
+    boxes = torch.cat([outputs["aux_boxes"], outputs["boxes"][None]])
+    together = hungarian_match_layers(logits, boxes, TARGETS)
+    alone = [hungarian_match(logits[i], boxes[i], TARGETS) for i in range(layers)]
+
+    def pairs(matches: list) -> list:
+        return [(q.tolist(), t.tolist()) for q, t in matches]
+
+    assert [pairs(m) for m in together] == [pairs(m) for m in alone]
+    assert len({str(pairs(m)) for m in alone}) > 1  # the layers' own predictions decide
 
 
 def test_perfect_prediction_is_matched_and_costs_zero_box_loss() -> None:

@@ -28,13 +28,14 @@ from pvtlab.models.heads.detr_matcher import HungarianMatcher, Match
 Targets = Sequence[Mapping[str, Tensor]]
 
 
-def num_target_boxes(targets: Targets, device: torch.device) -> float:
-    """Target boxes per process: the batch's count, averaged over processes, at least 1."""
+def num_target_boxes(targets: Targets, device: torch.device) -> Tensor:
+    """Target boxes per process: the batch's count, averaged over processes, at least 1. A
+    0-dim tensor on `device`, so that the host never waits for the all-reduce."""
     count = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(count)
         count = count / dist.get_world_size()
-    return max(float(count), 1.0)
+    return count.clamp(min=1.0)
 
 
 class SetCriterion(nn.Module):
@@ -75,20 +76,30 @@ class SetCriterion(nn.Module):
                 (cx, cy, w, h).
         """
         num_boxes = num_target_boxes(targets, outputs["logits"].device)
-        losses = self.layer_losses(outputs["logits"], outputs["boxes"], targets, num_boxes)
+        logits, boxes = [outputs["logits"]], [outputs["boxes"]]
         if "aux_logits" in outputs:
-            for i, (logits, boxes) in enumerate(
-                zip(outputs["aux_logits"], outputs["aux_boxes"], strict=True)
-            ):
-                layer = self.layer_losses(logits, boxes, targets, num_boxes)
-                losses.update({f"{name}_{i}": value for name, value in layer.items()})
+            logits, boxes = [*outputs["aux_logits"], *logits], [*outputs["aux_boxes"], *boxes]
+        with torch.no_grad():  # every layer matched in one pass: one read back to the host
+            matches = self.matcher.match_layers(torch.stack(logits), torch.stack(boxes), targets)
+        *aux, last = (
+            self.layer_losses(*layer, targets, num_boxes)
+            for layer in zip(logits, boxes, matches, strict=True)
+        )
+        losses = dict(last)
+        for i, layer in enumerate(aux):
+            losses.update({f"{name}_{i}": value for name, value in layer.items()})
         return losses
 
     def layer_losses(
-        self, logits: Tensor, boxes: Tensor, targets: Targets, num_boxes: float
+        self,
+        logits: Tensor,
+        boxes: Tensor,
+        matches: Sequence[Match],
+        targets: Targets,
+        num_boxes: Tensor,
     ) -> dict[str, Tensor]:
-        """The three weighted losses of one decoder layer's predictions."""
-        matches = self.matcher(logits, boxes, targets)
+        """The three weighted losses of one decoder layer's predictions, matched to the
+        targets by `matches` (the matcher's, per image)."""
         batch_idx, query_idx = _flat_indices(matches, logits.device)
         labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, matches, strict=True)])
         target_boxes = torch.cat(

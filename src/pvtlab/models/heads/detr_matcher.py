@@ -52,13 +52,53 @@ def match_cost(
 
 
 @torch.no_grad()
-def hungarian_match(
+def hungarian_match_layers(
     logits: Tensor,
     boxes: Tensor,
     targets: Sequence[Mapping[str, Tensor]],
     cost_class: float = 1.0,
     cost_bbox: float = 5.0,
     cost_giou: float = 2.0,
+) -> list[list[Match]]:
+    """`hungarian_match` for the predictions of several decoder layers at once.
+
+    One cost matrix for every layer and image (a single GIoU call), read back to the host in one
+    copy: on a GPU the training step then waits for the device once, not once a layer.
+
+    Args:
+        logits: (L, B, Q, K + 1) class logits of L layers' queries, the last slot "no object".
+        boxes: (L, B, Q, 4) predicted (cx, cy, w, h), normalised to each image.
+        targets: per image `labels` (T_i,) 0-based and `boxes` (T_i, 4) normalised (cx, cy, w, h).
+
+    Returns:
+        per layer, per image `(query_idx, target_idx)` as `hungarian_match` gives them.
+    """
+    layers, batch, queries = logits.shape[:3]
+    if len(targets) != batch:
+        raise ValueError(f"{len(targets)} targets for a batch of {batch} images")
+    sizes = [len(t["boxes"]) for t in targets]
+    if sum(sizes) == 0:
+        empty = torch.zeros(0, dtype=torch.int64)
+        return [[(empty, empty) for _ in sizes] for _ in range(layers)]
+    cost = match_cost(
+        logits.flatten(0, 2),
+        boxes.flatten(0, 2),
+        torch.cat([t["labels"] for t in targets]),
+        torch.cat([t["boxes"] for t in targets]),
+        cost_class,
+        cost_bbox,
+        cost_giou,
+    )
+    # Each image's block: its own queries against its own targets.
+    blocks = cost.view(layers, batch, queries, -1).cpu().split(sizes, dim=-1)
+    return [
+        [_least_cost_assignment(block[layer, image]) for image, block in enumerate(blocks)]
+        for layer in range(layers)
+    ]
+
+
+def hungarian_match(
+    logits: Tensor, boxes: Tensor, targets: Sequence[Mapping[str, Tensor]], **weights: float
 ) -> list[Match]:
     """The least-cost assignment of each image's targets to its queries.
 
@@ -66,36 +106,20 @@ def hungarian_match(
         logits: (B, Q, K + 1) class logits of the queries, the last slot "no object".
         boxes: (B, Q, 4) predicted (cx, cy, w, h), normalised to each image.
         targets: per image `labels` (T_i,) 0-based and `boxes` (T_i, 4) normalised (cx, cy, w, h).
+        weights: `cost_class`, `cost_bbox`, `cost_giou`, as `hungarian_match_layers` takes them.
 
     Returns:
         per image `(query_idx, target_idx)`, each (min(Q, T_i),) int64 on the CPU, sorted by
         query: query `query_idx[j]` predicts target `target_idx[j]`.
     """
-    batch, queries = logits.shape[:2]
-    if len(targets) != batch:
-        raise ValueError(f"{len(targets)} targets for a batch of {batch} images")
-    sizes = [len(t["boxes"]) for t in targets]
-    empty = torch.zeros(0, dtype=torch.int64)
-    if sum(sizes) == 0:
-        return [(empty, empty) for _ in sizes]
-    # One cost matrix for the whole batch (a single GIoU call), then one assignment per image.
-    cost = match_cost(
-        logits.flatten(0, 1),
-        boxes.flatten(0, 1),
-        torch.cat([t["labels"] for t in targets]),
-        torch.cat([t["boxes"] for t in targets]),
-        cost_class,
-        cost_bbox,
-        cost_giou,
-    )
-    cost = cost.view(batch, queries, -1).cpu()
-    matches = []
-    for i, block in enumerate(cost.split(sizes, dim=-1)):
-        rows, cols = linear_sum_assignment(block[i].numpy())
-        matches.append(
-            (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
-        )
+    (matches,) = hungarian_match_layers(logits[None], boxes[None], targets, **weights)
     return matches
+
+
+def _least_cost_assignment(cost: Tensor) -> Match:
+    """scipy's assignment of one image's (Q, T) cost block, as int64 index tensors."""
+    rows, cols = linear_sum_assignment(cost.numpy())
+    return torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)
 
 
 @dataclass(frozen=True)
@@ -118,6 +142,12 @@ class HungarianMatcher:
     def __call__(
         self, logits: Tensor, boxes: Tensor, targets: Sequence[Mapping[str, Tensor]]
     ) -> list[Match]:
-        return hungarian_match(
+        return self.match_layers(logits[None], boxes[None], targets)[0]
+
+    def match_layers(
+        self, logits: Tensor, boxes: Tensor, targets: Sequence[Mapping[str, Tensor]]
+    ) -> list[list[Match]]:
+        """Every decoder layer's matching in one pass (`hungarian_match_layers`)."""
+        return hungarian_match_layers(
             logits, boxes, targets, self.cost_class, self.cost_bbox, self.cost_giou
         )
