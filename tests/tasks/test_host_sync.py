@@ -105,3 +105,53 @@ def test_detr_step_reads_back_once(monkeypatch: pytest.MonkeyPatch) -> None:
     # `.numpy()` only views the host copy, for scipy's assignment of each layer and image.
     assert reads.pop("cpu") == 1 and set(reads) <= {"numpy"}
     assert all(p.grad is not None for p in task.model.parameters() if p.requires_grad)
+
+
+def test_the_training_loop_reads_the_loss_back_every_log_interval(
+    monkeypatch: pytest.MonkeyPatch, make_config: Callable[..., Any]
+) -> None:
+    """With the default callbacks and logger, the loss comes back to the host for the progress
+    bar and the log every `log_every_n_steps` batches, not after each one (as Lightning reads
+    every value logged with ``prog_bar=True``)."""
+    from hydra.utils import instantiate
+
+    from pvtlab.callbacks.progress import PeriodicLossProgressBar
+    from pvtlab.pipeline import build_trainer
+
+    steps = 24
+    cfg = make_config(
+        [
+            "data.generator.train_images=192",  # one epoch of 24 batches
+            "data.batch_size=8",
+            "data.num_workers=0",
+            f"trainer.max_steps={steps}",
+            "trainer.max_epochs=-1",
+            "trainer.log_every_n_steps=12",
+            "+trainer.limit_val_batches=0",
+            "trainer.num_sanity_val_steps=0",
+            "+trainer.enable_checkpointing=false",
+            "~callbacks.model_checkpoint",
+            "~callbacks.step_checkpoint",
+        ]
+    )
+    trainer, task = build_trainer(cfg), build_task(cfg)
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()  # the shapes files, before any read is counted
+    reads: Counter[str] = Counter()
+    # `item` and `__float__`: the loss's reads (the guard's `bool` and the transforms' are not).
+    counted = {"item", "__float__"}
+    with intercept_host_reads(monkeypatch, lambda name: reads.update({name} & counted)):
+        trainer.fit(task, datamodule=datamodule)
+    assert trainer.global_step == steps
+    # At 1, 12, 24 and the epoch's end; Lightning's own bar reads twice or more every step.
+    assert 0 < sum(reads.values()) < steps, reads
+    bar = next(c for c in trainer.callbacks if isinstance(c, PeriodicLossProgressBar))
+    shown = bar.get_metrics(trainer, task)
+    assert {"train/loss_step", "train/loss_epoch"} <= shown.keys(), shown
+
+
+def test_the_progress_bar_refuses_a_zero_interval() -> None:
+    from pvtlab.callbacks.progress import PeriodicLossProgressBar
+
+    with pytest.raises(ValueError, match="every_n_steps"):
+        PeriodicLossProgressBar(every_n_steps=0)

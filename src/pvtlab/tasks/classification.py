@@ -105,7 +105,8 @@ class ClassificationTask(TaskModule):
             loss = F.cross_entropy(
                 self.model(images), targets, label_smoothing=self.hparams.label_smoothing
             )
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        # Not prog_bar: Lightning would read it back every batch (see PeriodicLossProgressBar).
+        self.log("train/loss", loss, on_step=True, on_epoch=True)
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

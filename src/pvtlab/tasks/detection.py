@@ -66,7 +66,8 @@ class DetectionTask(TaskModule):
         losses = self.model(list(images), list(targets))
         loss = sum(losses.values())
         size = len(images)
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        # Not prog_bar: Lightning would read it back every batch (see PeriodicLossProgressBar).
+        self.log("train/loss", loss, batch_size=size)
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=size)
         return loss
 

@@ -121,7 +121,8 @@ class SegmentationTask(TaskModule):
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         images, labels = batch["image"], batch["label"]
         loss = self.loss(self.model(images), labels)
-        self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
+        # Not prog_bar: Lightning would read it back every batch (see PeriodicLossProgressBar).
+        self.log("train/loss", loss, batch_size=images.shape[0])
         return loss
 
     # ---------------------------------------------------------------------------------- inference
