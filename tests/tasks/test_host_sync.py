@@ -1,5 +1,5 @@
 """The classification and segmentation training steps read nothing back to the host, DETR's
-step reads once.
+step reads once, and the training loop reads the loss back once a log interval.
 
 Reading a tensor's value in Python (``.item()``, ``.tolist()``, ``bool(t)``, ...) makes the
 host wait for the accelerator on every step. Here every such read raises (or is counted) while a
