@@ -7,7 +7,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
+import torch
 import torch._inductor.config as inductor_config
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from torch import nn
 
 from pvtlab.models.heads import static_shape_parts
@@ -54,9 +56,9 @@ class TaskModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         arguments = dict(self.hparams.optimizer or {})
-        if self._clips_under_mixed_precision():
-            # Lightning refuses to clip gradients for an optimizer that unscales them itself
-            # (a fused one) under mixed precision; the multi-tensor path clips as usual.
+        if self.trainer.gradient_clip_val and self._scales_the_loss():
+            # A fused optimizer unscales fp16's gradients inside step(), after the clipping
+            # would have run, so Lightning refuses that pair; the multi-tensor path clips as usual.
             arguments["fused"] = False
         optimizer = build_optimizer(self.model, **arguments)
         spec = ScheduleSpec(**_tuples(self.hparams.scheduler or {}))
@@ -69,9 +71,28 @@ class TaskModule(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
         }
 
-    def _clips_under_mixed_precision(self) -> bool:
-        trainer = self.trainer
-        return bool(trainer.gradient_clip_val) and str(trainer.precision).endswith("-mixed")
+    def _scales_the_loss(self) -> bool:
+        return getattr(self.trainer.precision_plugin, "scaler", None) is not None
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip as Lightning does, also for a fused optimizer under bf16 autocast.
+
+        Lightning refuses any fused optimizer under mixed precision, for fp16's sake (see
+        `configure_optimizers`). bf16 scales nothing, so its gradients are final after the
+        backward and clip as in fp32, which keeps the fused step (and the non-finite-loss
+        guard's device-side skip) for DETR's bf16 recipe."""
+        plugin = self.trainer.precision_plugin
+        if isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            Precision.clip_gradients(
+                plugin, optimizer, gradient_clip_val or 0.0, gradient_clip_algorithm or "norm"
+            )
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def compile_model(self, **kwargs: Any) -> None:
         """`torch.compile` the network's static-shape parts in place (`static_shape_parts`:
