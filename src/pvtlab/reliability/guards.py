@@ -108,7 +108,9 @@ class NonFiniteLossGuard(Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for hook in self._hooks:
             hook.remove()
-        self._hooks, self._found_inf = [], None
+        for optimizer in trainer.optimizers:  # a fit stopped between backward and step
+            self._after_optimizer_step(optimizer)
+        self._hooks = []
         self._pending.clear()
 
     def _skips_on_device(self, trainer: L.Trainer) -> bool:
