@@ -100,6 +100,8 @@ def test_training_quick_covers_every_head_and_path(tmp_path: Path) -> None:
     assert text.count("| bf16 autocast |") == len(HEADS)  # bf16 autocast on CPU, every task
     assert "| fp32 compiled |" in text  # compile=true through the pipeline
     assert "| fp32, glibc default malloc |" in text  # against src/train.py's allocator setting
+    for loop in training.LOOP_PATHS["cpu"]:  # the classifier's loop, bare and as train.py runs
+        assert f"| classification | linear | pvt_tiny | 8 | {loop.label} |" in text
     ratios = text.split("## Training-step ratios")[1].split("##")[0]
     for task, head in HEADS:  # every eager step profiled: a library share in (0, 1], a ceiling
         (row,) = [line for line in ratios.splitlines() if line.startswith(f"| {task} | {head} |")]
@@ -113,6 +115,7 @@ def test_training_quick_covers_every_head_and_path(tmp_path: Path) -> None:
     speedup = float(cells[9])
     assert 0 < compiled_share <= 1
     assert compiled_ceiling == pytest.approx(speedup / compiled_share, rel=0.02)
+    assert float(cells[12]) > 0  # src/train.py's loop against the bare loop
     assert "failed" not in text
     attention = [
         [cell.strip() for cell in line.split("|")]
@@ -157,6 +160,8 @@ def test_step_paths_compile_what_users_run_on_each_device() -> None:
     assert list(cpu) == ["fp32", "bf16 autocast", training.DEFAULT_MALLOC, "fp32 compiled"]
     assert cpu["fp32 compiled"].compiled and cpu["fp32 compiled"].precision == "32-true"
     assert cpu["fp32"].profile and not cpu[training.DEFAULT_MALLOC].reuse_freed_memory
+    classifier = training.step_paths("cpu", "classification", "linear", quick=True)
+    assert [p.loop for p in classifier if p.loop] == ["bare", "run"]
     gpu = training.step_paths("cuda", "detection", "retinanet", quick=False)
     assert [p.label for p in gpu] == ["fp32", "bf16 autocast", "bf16 compiled"]
     assert gpu[-1].compiled and gpu[-1].precision == "bf16-mixed"
@@ -288,3 +293,39 @@ def test_measured_steps_apply_the_runs_attention_limit(tmp_path: Path) -> None:
         calls[limit] = counted.call_count
     assert calls["null"] == 0 and calls["0"] > 0
     assert cpu_explicit_attention_max_scores() == limit_before  # the block restored it
+
+
+def test_the_run_loop_is_timed_with_train_py_callbacks_and_logger(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`loop="run"` fits with src/train.py's callbacks (checkpoints aside) and a CSV logger;
+    `loop="bare"` with neither. Both give the mean step of the loop timed as a whole."""
+    from lightning.pytorch.callbacks import Checkpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    from pvtlab import pipeline
+    from pvtlab.bench.steps import QUICK_DATA, LoopTimer, measure_training_step
+
+    built = []
+    build_trainer = pipeline.build_trainer
+
+    def recorded(*args: object, **kwargs: object) -> object:
+        built.append(build_trainer(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(pipeline, "build_trainer", recorded)
+    for loop in ("run", "bare"):
+        result = measure_training_step(
+            "classification", "linear", "pvt_tiny", tmp_path, steps=2, loop=loop,
+            extra=QUICK_DATA,
+        )  # fmt: skip
+        assert result.step_s > 0 and result.step_times_s == [result.step_s]
+        assert result.images_per_s == pytest.approx(result.batch / result.step_s)
+    run, bare = built
+    names = {type(c).__name__ for c in run.callbacks}
+    assert {"NonFiniteLossGuard", "PeriodicLossProgressBar", "LearningRateMonitor"} <= names
+    assert not any(isinstance(c, Checkpoint) for c in run.callbacks)
+    assert [type(logger) for logger in run.loggers] == [CSVLogger]
+    assert [type(c) for c in bare.callbacks] == [LoopTimer] and not bare.loggers
+    with pytest.raises(ValueError, match="loop='every step'"):
+        measure_training_step("classification", "linear", "pvt_tiny", tmp_path, loop="every step")

@@ -1,5 +1,6 @@
 """Training steps measured through the real pipeline: a composed run config, its DataModule and
-task, fitted by a Lightning Trainer for a few steps while a callback times each batch.
+task, fitted by a Lightning Trainer for a few steps while a callback times each batch, or the
+loop as a whole (`loop`): with no callbacks, or with `src/train.py`'s own.
 
 `measure_training_step_in_fresh_process` runs that in a fresh interpreter (``python -m
 pvtlab.bench.steps``), with the host allocator as `src/train.py` sets it or as glibc has it:
@@ -33,6 +34,7 @@ from pvtlab.utils.numerics import use_fast_float32_matmuls
 __all__ = [
     "HEADS",
     "SHAPES_DATA",
+    "LoopTimer",
     "StepResult",
     "StepTimer",
     "compose_run",
@@ -88,6 +90,50 @@ class StepTimer(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *_: Any) -> None:
         synchronize(module.device)
         self.times.append(time.perf_counter() - self._start)
+
+
+class LoopTimer(L.Callback):
+    """Wall-clock seconds of the training loop from the start of batch `warmup` to the end of
+    the last batch (`trainer.max_steps`), the accelerator waited for at those two points only:
+    the loop as a run goes, the host free to queue a GPU's work ahead of it, every callback's
+    per-batch work and every read back to the host included. `warmup_s`: the batches before
+    (the first one's data loading and compilation included)."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.warmup_s = 0.0
+        self.seconds = 0.0
+        self._fit_start = self._start = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        synchronize(module.device)
+        self._fit_start = time.perf_counter()
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, *_: Any) -> None:
+        if trainer.global_step == self.warmup:
+            synchronize(module.device)
+            self._start = time.perf_counter()
+            self.warmup_s = self._start - self._fit_start
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *_: Any) -> None:
+        if trainer.global_step == trainer.max_steps:
+            synchronize(module.device)
+            self.seconds = time.perf_counter() - self._start
+
+
+# How `measure_training_step` times: each batch on its own (None), or the loop as a whole,
+# with no callbacks or logger ("bare") or with `src/train.py`'s callbacks and CSV logger ("run";
+# checkpoints are not written).
+LOOPS = (None, "bare", "run")
+# The overrides that leave a run without callbacks, logger, progress bar or summary.
+NO_CALLBACKS = (
+    "logger=none",
+    "callbacks=none",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+)
+# src/train.py's callbacks and a CSV logger, less the checkpoints.
+RUN_CALLBACKS = ("logger=csv", "~callbacks.model_checkpoint", "~callbacks.step_checkpoint")
 
 
 # Operators that run a library kernel (oneDNN / MKL / BLAS matrix products and convolutions,
@@ -153,6 +199,7 @@ def measure_training_step(
     extra: Sequence[str] = (),
     profile: bool = False,
     data: Sequence[str] = SHAPES_DATA,
+    loop: str | None = None,
 ) -> StepResult:
     """Fit `steps + warmup` training batches of the `data` overrides' recipe (default: shapes);
     time the last `steps`.
@@ -160,7 +207,12 @@ def measure_training_step(
     Runs on `bench_device()` with the trainer preset a user would pick there (`trainer=cpu` or
     `trainer=gpu`); `precision` overrides the preset's (fp32 on the CPU, bf16-mixed on a GPU).
     `profile`: one more batch, profiled, for `StepResult.library_share` (CPU time).
+    `loop` (one of `LOOPS`): None times each batch, the accelerator waited for at both ends;
+    "bare" and "run" time the loop as a whole (`LoopTimer`), without callbacks or with
+    `src/train.py`'s, and give the mean step as `step_s` and the warm-up's as `first_step_s`.
     """
+    if loop not in LOOPS:
+        raise ValueError(f"loop={loop!r}: choose one of {LOOPS}")
     device = bench_device()
     use_fast_float32_matmuls()  # as src/train.py runs
     overrides = [f"trainer.precision={precision}"] if precision else []
@@ -173,37 +225,43 @@ def measure_training_step(
                 f"head={head}",
                 f"backbone={backbone}",
                 *data,
-                "logger=none",
-                "callbacks=none",
+                *(RUN_CALLBACKS if loop == "run" else NO_CALLBACKS),
                 f"paths.data_dir={data_dir}",
                 f"paths.log_dir={tmp}",
-                f"trainer.max_steps={steps + warmup + int(profile)}",
+                f"trainer.max_steps={steps + warmup + int(profile and loop is None)}",
                 "trainer.max_epochs=-1",
                 "+trainer.limit_val_batches=0",
                 "trainer.num_sanity_val_steps=0",
                 "+trainer.enable_checkpointing=false",
-                "trainer.enable_progress_bar=false",
-                "trainer.enable_model_summary=false",
                 f"compile={str(compile).lower()}",
                 *extra,
             ],
             Path(tmp) / "run",
         )
-        from pvtlab.pipeline import build_task
+        from pvtlab.pipeline import build_task, build_trainer
 
         L.seed_everything(0, verbose=False)
         datamodule = instantiate(cfg.data)
         module = build_task(cfg)
         if compile:
             module.compile_model()
-        timer = StepTimer()
-        profiler = StepProfiler(batch_index=steps + warmup if profile else -1)
-        trainer = instantiate(cfg.trainer, callbacks=[timer, profiler], logger=False)
+        if loop is None:
+            timer = StepTimer()
+            profiler = StepProfiler(batch_index=steps + warmup if profile else -1)
+            trainer = instantiate(cfg.trainer, callbacks=[timer, profiler], logger=False)
+        else:
+            loop_timer = LoopTimer(warmup)
+            trainer = build_trainer(cfg)  # the config's callbacks and logger, as train.py's
+            trainer.callbacks.append(loop_timer)
         # The run's attention limit, as src/train.py applies it (`pipeline._prepare`).
         limit = cfg.get("explicit_attention_max_scores")
         with explicit_attention_limit(limit), PeakMemory(device) as peak:
             trainer.fit(module, datamodule=datamodule)
         batch = int(cfg.data.batch_size)
+    if loop is not None:
+        step = loop_timer.seconds / steps
+        first = loop_timer.warmup_s / max(warmup, 1)
+        return StepResult(batch, batch / step, step, first, peak.mib, None, [step])
     timed = timer.times[warmup : warmup + steps] or timer.times
     step = statistics.median(timed)
     return StepResult(

@@ -105,6 +105,7 @@ class StepPath:
     compiled: bool = False
     reuse_freed_memory: bool = True  # src/train.py's host allocator setting
     profile: bool = False  # one more batch, profiled for its library-kernel share (CPU)
+    loop: str | None = None  # None: each step timed on its own; else `pvtlab.bench.steps.LOOPS`
 
 
 FP32 = StepPath("fp32", "32-true", profile=True)
@@ -117,10 +118,29 @@ COMPILED_STEP = {
 }
 
 
+# The loop around the classifier's step, timed as a whole, neither waiting for the device
+# between steps: with no callbacks or logger, and as `src/train.py` runs it (its progress bar,
+# non-finite-loss guard, learning-rate monitor, ... and a CSV logger). What the second costs
+# more is what the run's callbacks and their reads back to the host cost.
+LOOP_PATHS = {
+    "cpu": (
+        StepPath("fp32, loop without callbacks", "32-true", loop="bare"),
+        StepPath("fp32, src/train.py's loop", "32-true", loop="run"),
+    ),
+    "cuda": (
+        StepPath("bf16 autocast, loop without callbacks", "bf16-mixed", loop="bare"),
+        StepPath("bf16 autocast, src/train.py's loop", "bf16-mixed", loop="run"),
+    ),
+}
+
+
 def step_paths(device: str, task: str, head: str, quick: bool) -> list[StepPath]:
     """The step paths timed for one head on `device` ("cpu" or "cuda"). Compiling takes a
-    minute or more per head on 2 cores, so quick runs (the tests) compile the classifier only."""
+    minute or more per head on 2 cores, so quick runs (the tests) compile the classifier only.
+    The classifier's loop is also timed with and without the run's callbacks (`LOOP_PATHS`)."""
     paths = [FP32, BF16]
+    if task == "classification":
+        paths += LOOP_PATHS[device]
     if device == "cpu" and head in DEFAULT_MALLOC_HEADS and (not quick or task == "classification"):
         paths.append(StepPath(DEFAULT_MALLOC, "32-true", reuse_freed_memory=False))
     if not quick or task == "classification":
@@ -299,7 +319,7 @@ def _measure_path(
     error message stands in for the result."""
     kwargs = dict(
         steps=steps, compile=path.compiled, precision=path.precision, extra=extra,
-        profile=path.profile,
+        profile=path.profile, loop=path.loop,
     )  # fmt: skip
     try:
         if bench_device().type == "cpu":
@@ -380,6 +400,7 @@ class RatioRow(NamedTuple):
     compile_speedup: float | None  # COMPILED_STEP's compiled path over its eager one
     compile_speedup_per_pair: str | None  # min-max over the process pairs
     compile_target: float
+    run_loop_vs_bare: float | None  # LOOP_PATHS: src/train.py's loop over the bare loop
 
 
 def _ratio_row(
@@ -394,6 +415,7 @@ def _ratio_row(
     eager_path, compiled_path = COMPILED_STEP[device]
     fp32, bf16, malloc = get(FP32.label), get(BF16.label), get(DEFAULT_MALLOC)
     eager, compiled = get(eager_path.label), get(compiled_path.label)
+    bare_loop, run_loop = (get(path.label) for path in LOOP_PATHS[device])
     share = fp32 and fp32.library_share
     return RatioRow(
         task,
@@ -407,6 +429,7 @@ def _ratio_row(
         _ratio(compiled and compiled.images_per_s, eager and eager.images_per_s),
         _per_process_ratios(runs, device),
         TARGET_COMPILE_STEP,
+        _ratio(run_loop and run_loop.images_per_s, bare_loop and bare_loop.images_per_s),
     )
 
 
@@ -448,6 +471,7 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
         pair = [replace(p, profile=False) for p in COMPILED_STEP["cpu"]]
         for _ in range(COMPILE_RATIO_ROUNDS - 1):
             plan += [(t, h, p) for t, h in HEADS for p in pair]
+            plan += [("classification", "linear", p) for p in LOOP_PATHS["cpu"]]
     runs: dict[tuple[str, str], dict[str, list[StepResult | str]]] = {key: {} for key in HEADS}
     header = _header(device, quick, steps, fwd_model, size, batch, repeats, fwd["gmacs_per_image"])
     md = out_dir / "training.md"
@@ -544,11 +568,14 @@ def _header(
         f"Training steps: pvt_tiny, the shapes recipe of each task (64x64 images, its batch), "
         f"median of {steps} timed steps after 1 warm-up; `first step` includes compilation. "
         "Each step in a fresh process with `src/train.py`'s allocator setting "
-        f"(`reuse_freed_memory`) unless its path says otherwise. Peak memory: {peak}."
+        f"(`reuse_freed_memory`) unless its path says otherwise. The `loop` paths time the "
+        "steps as a whole instead (step ms: their mean; first step: the warm-up's, data "
+        f"loading included). Peak memory: {peak}."
         + (
-            f" The compile ratio's two steps (fp32, fp32 compiled) ran in {COMPILE_RATIO_ROUNDS} "
-            "processes each, taken in turns, their timed steps pooled (`processes`): one "
-            "process often runs 5-10% off the next on this machine, at times more."
+            f" The compile ratio's two steps (fp32, fp32 compiled) and the classifier's two "
+            f"loops ran in {COMPILE_RATIO_ROUNDS} processes each, taken in turns, their timed "
+            "steps pooled (`processes`): one process often runs 5-10% off the next on this "
+            "machine, at times more."
             if device.type == "cpu" and not quick
             else ""
         ),
@@ -575,6 +602,7 @@ def _header(
 
 def _step_sections(rows: list[tuple], ratio_rows: list[RatioRow], device: str) -> str:
     eager, compiled = COMPILED_STEP[device]
+    bare_loop, run_loop = LOOP_PATHS[device]
     steps = markdown_table(
         ["task", "head", "backbone", "batch", "path", "img/s", "step ms", "first step s",
          "peak MiB", "processes"],
@@ -593,6 +621,7 @@ def _step_sections(rows: list[tuple], ratio_rows: list[RatioRow], device: str) -
             "compiled / eager",
             "compiled / eager, each process pair",
             "compile target",
+            "train.py's loop / loop without callbacks",
         ],
         ratio_rows,
     )
@@ -608,7 +637,11 @@ def _step_sections(rows: list[tuple], ratio_rows: list[RatioRow], device: str) -
         "even if everything else took no time. The same share of one profiled compiled step "
         "says how much of it is still outside those kernels (inductor's own kernels, the "
         "optimizer, copies, dispatch); its ceiling, the eager step over the compiled step's "
-        "library-kernel time, is the bound with the kernels as compile calls them.\n\n" + ratios
+        "library-kernel time, is the bound with the kernels as compile calls them. "
+        f"`train.py's loop / loop without callbacks`: {run_loop.label} against "
+        f"{bare_loop.label}, each timed as a whole, the device waited for only at its ends "
+        "(what `src/train.py`'s callbacks and logger cost, the progress bar's and the "
+        "non-finite-loss guard's reads back to the host included).\n\n" + ratios
     )
 
 
