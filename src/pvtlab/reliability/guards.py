@@ -15,6 +15,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from pvtlab.utils.numerics import scales_the_loss
+
 
 class NonFiniteLossError(FloatingPointError):
     """A training loss that is NaN or infinite."""
@@ -114,9 +116,10 @@ class NonFiniteLossGuard(Callback):
         self._pending.clear()
 
     def _skips_on_device(self, trainer: L.Trainer) -> bool:
-        scaler = getattr(trainer.precision_plugin, "scaler", None)  # sets found_inf itself
         optimizers = trainer.optimizers
-        return scaler is None and bool(optimizers) and all(map(skips_on_found_inf, optimizers))
+        if scales_the_loss(trainer) or not optimizers:  # a scaler sets found_inf itself
+            return False
+        return all(map(skips_on_found_inf, optimizers))
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
         self._found_inf = None

@@ -14,6 +14,7 @@ from torch import nn
 
 from pvtlab.models.heads import static_shape_parts
 from pvtlab.tasks.optim import ScheduleSpec, build_optimizer, build_scheduler
+from pvtlab.utils.numerics import scales_the_loss
 
 # Inductor settings for a model whose weights no longer change (evaluation, never training):
 # the weights become constants ("freezing"), prepacked for oneDNN, whose linear layers then run
@@ -56,7 +57,7 @@ class TaskModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         arguments = dict(self.hparams.optimizer or {})
-        if self.trainer.gradient_clip_val and self._scales_the_loss():
+        if self.trainer.gradient_clip_val and scales_the_loss(self.trainer):
             # A fused optimizer unscales fp16's gradients inside step(), after the clipping
             # would have run, so Lightning refuses that pair; the multi-tensor path clips as usual.
             arguments["fused"] = False
@@ -71,9 +72,6 @@ class TaskModule(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
         }
 
-    def _scales_the_loss(self) -> bool:
-        return getattr(self.trainer.precision_plugin, "scaler", None) is not None
-
     def configure_gradient_clipping(
         self,
         optimizer: torch.optim.Optimizer,
@@ -87,7 +85,7 @@ class TaskModule(L.LightningModule):
         backward and clip as in fp32, which keeps the fused step (and the non-finite-loss
         guard's device-side skip) for DETR's bf16 recipe."""
         plugin = self.trainer.precision_plugin
-        if isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+        if isinstance(plugin, MixedPrecision) and not scales_the_loss(self.trainer):
             Precision.clip_gradients(
                 plugin, optimizer, gradient_clip_val or 0.0, gradient_clip_algorithm or "norm"
             )
