@@ -11,7 +11,7 @@ from torchvision.ops import box_convert
 
 from pvtlab.models import create_backbone
 from pvtlab.models.heads.detr import DETR, PositionEmbeddingSine, build_detr
-from pvtlab.models.heads.detr_criterion import SetCriterion
+from pvtlab.models.heads.detr_criterion import SetCriterion, generalized_iou_loss
 from pvtlab.models.heads.detr_matcher import (
     HungarianMatcher,
     hungarian_match,
@@ -187,6 +187,29 @@ def test_criterion_scores_every_auxiliary_layer_with_its_own_matching() -> None:
     copied = single(same, TARGETS)
     for name in names:
         assert float(copied[f"{name}_0"]) == pytest.approx(float(copied[name]))
+
+
+def test_generalized_iou_loss_equals_torchvision_with_its_gradient() -> None:
+    from torchvision.ops import generalized_box_iou_loss
+
+    torch.manual_seed(0)
+    corners = torch.rand(64, 2) * 10
+    boxes = torch.cat([corners, corners + torch.rand(64, 2) * 5 + 0.1], dim=1)
+    targets = boxes[torch.randperm(64)]  # overlapping, apart, and ...
+    targets[:4] = boxes[:4]  # the same box
+    targets[4:8] = boxes[4:8] + torch.tensor([1.0, 1.0, -1.0, -1.0]) * 0.05  # inside
+    targets[8:12] = boxes[8:12] + (boxes[8:12, 2] - boxes[8:12, 0])[:, None] * torch.tensor(
+        [1.0, 0.0, 1.0, 0.0]
+    )  # touching along an edge
+    assert float(generalized_box_iou_loss(boxes, targets).min()) < 0.5  # some overlap
+    ours = boxes.clone().requires_grad_()
+    theirs = boxes.clone().requires_grad_()
+    loss = generalized_iou_loss(ours, targets)
+    expected = generalized_box_iou_loss(theirs, targets)
+    torch.testing.assert_close(loss, expected)
+    loss.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(ours.grad, theirs.grad)
 
 
 def test_matcher_rejects_negative_costs() -> None:

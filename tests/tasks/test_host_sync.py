@@ -1,11 +1,13 @@
-"""The classification and segmentation training steps read nothing back to the host, DETR's
-step reads once, and the training loop reads the loss back once a log interval.
+"""The classification, segmentation and RetinaNet training steps read nothing back to the host,
+DETR's step reads once, and the training loop reads the loss back once a log interval.
 
 Reading a tensor's value in Python (``.item()``, ``.tolist()``, ``bool(t)``, ...) makes the
-host wait for the accelerator on every step. Here every such read raises (or is counted) while a
+host wait for the accelerator on every step, and so does every operation whose output size
+depends on the values (``nonzero``, boolean-mask indexing, ``unique``, ...): the host must learn
+the size before it can go on. Here every such read or operation raises (or is counted) while a
 step's forward, loss and backward run, so any that creeps in fails the test on a CPU-only
-machine. (RetinaNet and Mask R-CNN read back by design: torchvision's samplers run on the host.
-DETR's Hungarian matching does too, with one copy of every decoder layer's costs.)"""
+machine. (Mask R-CNN reads back by design: torchvision's samplers and proposal NMS run on the
+host. DETR's Hungarian matching does too, with one copy of every decoder layer's costs.)"""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pvtlab.pipeline import build_task
 from tests.conftest import compose_config
@@ -44,13 +47,55 @@ def intercept_host_reads(
         yield
 
 
+# Operators whose result the host must wait for: a value, or a size that depends on the values.
+VALUE_READS = {"aten._local_scalar_dense", "aten.equal", "aten.is_nonzero", "aten.allclose"}
+VALUE_SIZED = {
+    "aten.nonzero",
+    "aten.masked_select",
+    "aten._unique2",
+    "aten.unique_dim",
+    "aten.unique_consecutive",
+    "aten.repeat_interleave",  # without output_size, its length is the sum of the repeats
+}
+BOOLEAN_INDEXED = {"aten.index", "aten.index_put", "aten.index_put_", "aten._index_put_impl_"}
+
+
+class DeviceWaits(TorchDispatchMode):
+    """Records every operator call that would make the host wait for a GPU (by name)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func.overloadpacket._qualified_op_name.replace("::", ".")
+        if name in VALUE_READS or name in VALUE_SIZED:
+            self.calls[name] += 1
+        elif name in BOOLEAN_INDEXED and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None
+        ):
+            self.calls[f"{name} with a boolean mask"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_device_waits_sees_value_sized_operators() -> None:
+    values = torch.tensor([0.0, 2.0, -1.0])
+    with DeviceWaits() as waits:
+        values[values > 0] = 0.0
+        values.nonzero()
+        torch.where(values > 0, values, 1.0)  # fixed size: no wait
+        values.clamp(min=0).sum()
+    assert waits.calls == {"aten.index_put_ with a boolean mask": 1, "aten.nonzero": 1}
+
+
 @contextmanager
 def forbid_host_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     def refuse(name: str) -> None:
         raise AssertionError(f"Tensor.{name} read a value back to the host in a training step")
 
-    with intercept_host_reads(monkeypatch, refuse):
+    with intercept_host_reads(monkeypatch, refuse), DeviceWaits() as waits:
         yield
+    assert not waits.calls, f"the step would make the host wait for the device: {waits.calls}"
 
 
 def _train_step(task: Any, batch: Any) -> None:
@@ -89,6 +134,28 @@ def test_segmentation_step(monkeypatch: pytest.MonkeyPatch, head: str) -> None:
     assert all(p.grad is not None for p in task.model.parameters() if p.requires_grad)
 
 
+def test_retinanet_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision's assignment and losses make the host wait up to 11 times an image; pvtlab's
+    (`pvtlab.models.heads.retinanet_loss`) not at all. The boxes' area check reads them only on
+    the CPU: it runs here on a value-less copy, as it would on an accelerator."""
+    from pvtlab.models.heads import retinanet
+
+    check = retinanet.check_target_boxes
+    monkeypatch.setattr(
+        retinanet, "check_target_boxes", lambda boxes, index: check(boxes.to("meta"), index)
+    )
+    task = build_task(compose_config(["task=detection", "head=retinanet"])).train()
+    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
+    targets = [
+        {"boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0], [20.0, 10.0, 60.0, 50.0]]),
+         "labels": torch.tensor([1, 3])},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+    ]  # fmt: skip
+    with forbid_host_reads(monkeypatch):
+        _train_step(task, (images, targets))
+    assert all(p.grad is not None for p in task.model.parameters() if p.requires_grad)
+
+
 def test_detr_step_reads_back_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every decoder layer's matching costs come back in one copy; nothing else is read."""
     task = build_task(compose_config(["task=detection", "head=detr"])).train()
@@ -100,10 +167,14 @@ def test_detr_step_reads_back_once(monkeypatch: pytest.MonkeyPatch) -> None:
         {"boxes": torch.tensor([[10.0, 12.0, 40.0, 44.0]]), "labels": torch.tensor([0])},
     ]  # fmt: skip
     reads: Counter[str] = Counter()
-    with intercept_host_reads(monkeypatch, lambda name: reads.update([name])):
+    with (
+        intercept_host_reads(monkeypatch, lambda name: reads.update([name])),
+        DeviceWaits() as waits,
+    ):
         _train_step(task, (images, targets))
     # `.numpy()` only views the host copy, for scipy's assignment of each layer and image.
     assert reads.pop("cpu") == 1 and set(reads) <= {"numpy"}
+    assert not waits.calls, waits.calls  # the losses: no boolean masks (torchvision's GIoU has)
     assert all(p.grad is not None for p in task.model.parameters() if p.requires_grad)
 
 

@@ -270,11 +270,10 @@ class DETR(nn.Module):
             raise ValueError("DETR in training mode needs targets (boxes, labels) per image")
         batch, padding = pad_images(images, self.size_divisible)
         outputs = self.predict(batch, padding)
+        # Copied without waiting: a blocking copy to a GPU first waits for the forward above.
         sizes = torch.tensor(
-            [[im.shape[-1], im.shape[-2]] * 2 for im in images],
-            dtype=torch.float32,
-            device=batch.device,
-        )
+            [[im.shape[-1], im.shape[-2]] * 2 for im in images], dtype=torch.float32
+        ).to(batch.device, non_blocking=True)
         if self.training:
             return self.criterion(outputs, normalize_targets(targets, sizes))
         return postprocess(outputs["logits"], outputs["boxes"], sizes)

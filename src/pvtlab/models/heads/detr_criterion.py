@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import box_convert, generalized_box_iou_loss
+from torchvision.ops import box_convert
 
 from pvtlab.models.heads.detr_matcher import HungarianMatcher, Match
 
@@ -31,7 +31,8 @@ Targets = Sequence[Mapping[str, Tensor]]
 def num_target_boxes(targets: Targets, device: torch.device) -> Tensor:
     """Target boxes per process: the batch's count, averaged over processes, at least 1. A
     0-dim tensor on `device`, so that the host never waits for the all-reduce."""
-    count = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+    # Filled on the device, not copied from the host: a blocking copy waits for the device.
+    count = torch.full((), float(sum(len(t["labels"]) for t in targets)), device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(count)
         count = count / dist.get_world_size()
@@ -75,15 +76,19 @@ class SetCriterion(nn.Module):
             targets: per image `labels` (T_i,) 0-based and `boxes` (T_i, 4) normalised
                 (cx, cy, w, h).
         """
-        num_boxes = num_target_boxes(targets, outputs["logits"].device)
+        device = outputs["logits"].device
+        num_boxes = num_target_boxes(targets, device)
         logits, boxes = [outputs["logits"]], [outputs["boxes"]]
         if "aux_logits" in outputs:
             logits, boxes = [*outputs["aux_logits"], *logits], [*outputs["aux_boxes"], *boxes]
         with torch.no_grad():  # every layer matched in one pass: one read back to the host
             matches = self.matcher.match_layers(torch.stack(logits), torch.stack(boxes), targets)
+        pairs = matched_pairs(matches, [len(t["labels"]) for t in targets], device)
+        target_labels = torch.cat([t["labels"] for t in targets])
+        target_boxes = torch.cat([t["boxes"] for t in targets])
         *aux, last = (
-            self.layer_losses(*layer, targets, num_boxes)
-            for layer in zip(logits, boxes, matches, strict=True)
+            self.layer_losses(*layer, target_labels, target_boxes, num_boxes)
+            for layer in zip(logits, boxes, pairs, strict=True)
         )
         losses = dict(last)
         for i, layer in enumerate(aux):
@@ -94,43 +99,74 @@ class SetCriterion(nn.Module):
         self,
         logits: Tensor,
         boxes: Tensor,
-        matches: Sequence[Match],
-        targets: Targets,
+        pairs: Tensor,
+        target_labels: Tensor,
+        target_boxes: Tensor,
         num_boxes: Tensor,
     ) -> dict[str, Tensor]:
-        """The three weighted losses of one decoder layer's predictions, matched to the
-        targets by `matches` (the matcher's, per image)."""
-        batch_idx, query_idx = _flat_indices(matches, logits.device)
-        labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, matches, strict=True)])
-        target_boxes = torch.cat(
-            [t["boxes"][j] for t, (_, j) in zip(targets, matches, strict=True)]
-        )
+        """The three weighted losses of one decoder layer's predictions.
 
+        Args:
+            logits, boxes: the layer's (B, Q, K + 1) and (B, Q, 4) predictions.
+            pairs: (3, M) image, query and target index of each matched pair, the target
+                indexing `target_labels` and `target_boxes`, the whole batch's targets in order.
+            num_boxes: `num_target_boxes`.
+        """
+        image, query, target = pairs
         target_classes = torch.full(
             logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device
         )
-        target_classes[batch_idx, query_idx] = labels.to(logits.device)
+        target_classes[image, query] = target_labels[target]
         loss_ce = F.cross_entropy(
             logits.transpose(1, 2).float(), target_classes, weight=self.class_weight
         )
 
-        matched = boxes[batch_idx, query_idx].float()
-        target_boxes = target_boxes.to(matched)
-        loss_bbox = F.l1_loss(matched, target_boxes, reduction="sum") / num_boxes
+        matched = boxes[image, query].float()
+        matched_targets = target_boxes[target].to(matched)
+        loss_bbox = F.l1_loss(matched, matched_targets, reduction="sum") / num_boxes
         loss_giou = (
-            generalized_box_iou_loss(
+            generalized_iou_loss(
                 box_convert(matched, "cxcywh", "xyxy"),
-                box_convert(target_boxes, "cxcywh", "xyxy"),
-                reduction="sum",
-            )
+                box_convert(matched_targets, "cxcywh", "xyxy"),
+            ).sum()
             / num_boxes
         )
         raw = {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
         return {name: self.weights[name] * value for name, value in raw.items()}
 
 
-def _flat_indices(matches: Sequence[Match], device: torch.device) -> tuple[Tensor, Tensor]:
-    """(image index, query index) of every matched query of the batch."""
-    batch_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(matches)])
-    query_idx = torch.cat([q for q, _ in matches])
-    return batch_idx.to(device), query_idx.to(device)
+def matched_pairs(
+    matches: Sequence[Sequence[Match]], sizes: Sequence[int], device: torch.device
+) -> Tensor:
+    """Every decoder layer's matched (image, query, target) indices as one (L, 3, M) int64
+    tensor on `device`, the target counted over the batch's targets in order (image i's start
+    at the sum of `sizes` before it).
+
+    One copy, not waited for: a blocking copy to a GPU would first wait for every kernel queued
+    before it, and indexing device tensors with host indices copies them that way, once per
+    index, layer and image."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    layers = []
+    for layer in matches:
+        image = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(layer)])
+        query = torch.cat([q for q, _ in layer])
+        target = torch.cat([t + start for (_, t), start in zip(layer, starts, strict=True)])
+        layers.append(torch.stack([image, query, target]))
+    return torch.stack(layers).to(device, non_blocking=True)
+
+
+def generalized_iou_loss(boxes: Tensor, targets: Tensor, eps: float = 1e-7) -> Tensor:
+    """1 - GIoU of each box (N, 4) xyxy with its target (N, 4): IoU less the share of the
+    smallest enclosing box that the union leaves empty (Rezatofighi et al. 2019). Clamped
+    overlaps rather than torchvision's masked assignment, which reads the mask back on a GPU."""
+    top_left = torch.maximum(boxes[:, :2], targets[:, :2])
+    bottom_right = torch.minimum(boxes[:, 2:], targets[:, 2:])
+    intersection = (bottom_right - top_left).clamp(min=0).prod(dim=1)
+    area = (boxes[:, 2:] - boxes[:, :2]).prod(dim=1)
+    target_area = (targets[:, 2:] - targets[:, :2]).prod(dim=1)
+    union = area + target_area - intersection
+    iou = intersection / (union + eps)
+    enclosing = (
+        torch.maximum(boxes[:, 2:], targets[:, 2:]) - torch.minimum(boxes[:, :2], targets[:, :2])
+    ).prod(dim=1)
+    return 1 - (iou - (enclosing - union) / (enclosing + eps))

@@ -25,6 +25,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from pvtlab.models.heads.fpn import BackboneWithFPN
+from pvtlab.models.heads.retinanet_loss import assign_anchors, retinanet_losses
 
 # torchvision's RetinaNet anchors: octave base 4 x stride, 3 scales per octave, 3 aspect ratios.
 RETINANET_ANCHOR_SIZES = tuple(
@@ -71,6 +72,76 @@ class OnInputP6P7(LastLevelP6P7):
         self.use_P5 = False
 
 
+class DeviceLossRetinaNet(RetinaNet):
+    """torchvision's RetinaNet whose training loss reads nothing back to the host.
+
+    torchvision assigns anchors and sums the losses image by image with reads of the device's
+    values (`pvtlab.models.heads.retinanet_loss`); here they are batched tensor operations with
+    the same result, so that a GPU step runs without the host waiting. Evaluation, parameters
+    and checkpoints are torchvision's.
+    """
+
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        if not self.training:
+            return super().forward(images, targets)
+        if targets is None:
+            raise ValueError("RetinaNet in training mode needs targets (boxes, labels) per image")
+        for index, target in enumerate(targets):
+            check_target_boxes(target["boxes"], index)
+        batch, targets = self.transform(images, targets)
+        features = list(self.backbone(batch.tensors).values())
+        head_outputs = self.head(features)
+        anchors = self.anchor_generator(batch, features)
+        return self.compute_loss(targets, head_outputs, anchors)
+
+    def compute_loss(
+        self,
+        targets: list[dict[str, Tensor]],
+        head_outputs: dict[str, Tensor],
+        anchors: list[Tensor],
+    ) -> dict[str, Tensor]:
+        matcher = self.proposal_matcher
+        matches, labels, boxes = assign_anchors(
+            anchors,
+            targets,
+            matcher.high_threshold,
+            matcher.low_threshold,
+            matcher.allow_low_quality_matches,
+        )
+        return retinanet_losses(
+            head_outputs["cls_logits"],
+            head_outputs["bbox_regression"],
+            anchors,
+            matches,
+            labels,
+            boxes,
+            self.head.regression_head.box_coder.weights,
+        )
+
+
+def check_target_boxes(boxes: Tensor, index: int) -> None:
+    """Refuse target boxes that are not (N, 4) or, on the CPU, have no area.
+
+    The area check reads the boxes, which on an accelerator would make the host wait each step;
+    there, pvtlab's loaders have already dropped such boxes (`min_box_size`) and a box that
+    slipped through gives an infinite box loss, which `NonFiniteLossGuard` stops on.
+    """
+    if boxes.ndim != 2 or boxes.shape[-1] != 4:
+        raise ValueError(
+            f"target {index}: boxes must be (N, 4) xyxy, got shape {tuple(boxes.shape)}"
+        )
+    if boxes.device.type == "cpu":
+        degenerate = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
+        if degenerate.any():
+            box = boxes[degenerate.nonzero()[0, 0]].tolist()
+            raise ValueError(
+                f"target {index}: box {box} has no area (x1 <= x0 or y1 <= y0); "
+                "boxes must be xyxy with positive width and height"
+            )
+
+
 def build_retinanet(
     backbone: nn.Module,
     num_classes: int,
@@ -85,8 +156,8 @@ def build_retinanet(
     nms_thresh: float = 0.5,
     detections_per_img: int = 100,
     size_divisible: int = 32,
-) -> RetinaNet:
-    """torchvision RetinaNet on `backbone`'s stages `in_stages` (+ P6, P7 from the last one).
+) -> DeviceLossRetinaNet:
+    """torchvision RetinaNet (its loss on the device: `DeviceLossRetinaNet`) on `backbone`'s stages `in_stages` (+ P6, P7 from the last one).
 
     Args:
         backbone: timm `features_only` model (four maps, `feature_info`).
@@ -112,7 +183,7 @@ def build_retinanet(
         tuple(tuple(int(s) for s in level) for level in anchor_sizes),
         (tuple(float(r) for r in aspect_ratios),) * levels,
     )
-    model = RetinaNet(
+    model = DeviceLossRetinaNet(
         body,
         num_classes=num_classes,
         anchor_generator=anchors,
