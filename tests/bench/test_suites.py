@@ -268,6 +268,28 @@ def test_attention_setting_traces_the_shapes_of_its_images() -> None:
     assert attention_bench.attention_shapes(classifier)[0] == (32, 1, 56 * 56, 7 * 7, 64)
 
 
+def test_attention_table_times_folded_queries_where_training_folds_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The kernels' table adds SDPA with the queries folded into the batch at the stages whose
+    backward `backward_query_chunks` spreads, and no such columns where none is."""
+    setting = attention_bench.AttentionSetting("pvt_tiny", 64, 1, True)  # stage 1: 256 queries
+    plain_rows = attention_bench.attention_kernels(setting, repeats=1)  # too few queries to cut
+    assert all(r.folded_ms is None and r.chunks == 1 for r in plain_rows)
+    assert "query chunks" not in attention_bench.attention_section(plain_rows)
+
+    monkeypatch.setattr(
+        attention_bench, "backward_query_chunks", lambda b, h, q, k, device: 4 if q == 256 else 1
+    )
+    rows = attention_bench.attention_kernels(setting, repeats=1)
+    folded = [r for r in rows if r.folded_ms is not None]
+    assert {r.stage for r in folded} == {1} and len(folded) == 4  # fp32, bf16 x fwd, fwd+bwd
+    assert all(r.chunks == 4 and r.folded_ms > 0 for r in folded)
+    table = attention_bench.attention_section(rows)
+    assert "| query chunks | SDPA, queries folded ms | folded / SDPA time | taken |" in table
+    assert "SDPA, queries in 4 chunks in training" in table  # fp32 at stage 1
+
+
 def test_measured_steps_apply_the_runs_attention_limit(tmp_path: Path) -> None:
     """`explicit_attention_max_scores` reaches a measured step as it reaches src/train.py's:
     bf16 on the CPU, the default runs PVT-Tiny's attention as explicit products, 0 as SDPA."""

@@ -15,10 +15,13 @@ import pvtlab  # noqa: F401  (registers the models)
 import pvtlab.models.attention as attention_module
 from pvtlab.models.attention import (
     CPU_EXPLICIT_ATTENTION_MAX_SCORES,
+    GPU_BACKWARD_BLOCKS,
     attention,
+    backward_query_chunks,
     cpu_explicit_attention_max_scores,
     explicit_attention_is_faster,
     explicit_attention_limit,
+    query_folded_attention,
     set_explicit_attention_limit,
 )
 from pvtlab.models.heads.detr import Attention as DetrAttention
@@ -177,3 +180,97 @@ def test_cpu_bf16_explicit_attention_matches_sdpa(tiny: torch.nn.Module) -> None
     explicit, sdpa = outputs
     torch.testing.assert_close(explicit, sdpa, atol=0.05, rtol=0.05)
     assert (explicit - sdpa).abs().max() > 0  # the two kernels did run: bf16 rounds them apart
+
+
+# ------------------------------------------------ queries folded into the batch (GPU backward)
+
+
+@pytest.mark.parametrize("chunks", [1, 3, 8])
+def test_folded_queries_give_sdpa_result_and_gradients(chunks: int) -> None:
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 101, 16, requires_grad=True)  # 101 queries: padded to the chunks
+    k, v = (torch.randn(2, 3, 20, 16, requires_grad=True) for _ in "kv")
+    grad = torch.randn(2, 3, 101, 16)
+    expected = F.scaled_dot_product_attention(q, k, v)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
+    folded = query_folded_attention(q, k, v, chunks)
+    torch.testing.assert_close(folded, expected)
+    for got, want in zip(torch.autograd.grad(folded, (q, k, v), grad), expected_grads, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_backward_chunks_spread_few_keys_and_heads_over_the_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # PVT-Small at 800 x 1333, batch 1: stage 1 has 1 head, 66800 queries, 1050 keys (9 blocks)
+    chunks = backward_query_chunks(1, 1, 66800, 1050)
+    assert chunks == 32 and 9 * chunks >= GPU_BACKWARD_BLOCKS
+    assert backward_query_chunks(2, 1, 66800, 1050) == 16  # twice the batch, half the chunks
+    assert backward_query_chunks(1, 8, 1050, 1050) == 1  # stage 4: too few queries to cut
+    assert backward_query_chunks(32, 1, 3136, 49) == 2  # 224 x 32: chunks keep 1024 queries
+    assert backward_query_chunks(64, 8, 66800, 4096) == 1  # enough blocks already
+    # The CPU shares the backward out by batch x heads, one a thread.
+    monkeypatch.setattr(attention_module, "_cpu_threads", lambda: 8)
+    assert backward_query_chunks(1, 1, 66800, 1050, "cpu") == 8
+    assert backward_query_chunks(2, 2, 16700, 1050, "cpu") == 2
+    assert backward_query_chunks(8, 1, 66800, 1050, "cpu") == 1
+
+
+def test_queries_fold_only_for_the_backward_and_folding_keeps_outputs_and_gradients(
+    tiny: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(attention_module, "_cpu_threads", lambda: 4)
+    q, k = torch.randn(1, 1, 5000, 64), torch.randn(1, 1, 80, 64)
+    assert attention_module._chunks_for_backward(q, k) == 1  # no gradient: nothing to spread
+    q.requires_grad_()
+    assert attention_module._chunks_for_backward(q, k) == 4
+    with attention_module.query_folding(False):
+        assert attention_module._chunks_for_backward(q, k) == 1
+    assert attention_module._chunks_for_backward(q, k) == 4  # restored
+
+    x = torch.randn(1, 3, 128, 160)
+
+    def outputs_and_gradients() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        tiny.zero_grad(set_to_none=True)
+        out = tiny.forward_features(x)
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in tiny.parameters() if p.grad is not None]
+
+    with attention_module.query_folding(False):
+        plain = outputs_and_gradients()
+    folded_calls = []
+
+    def folded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunks: int, dropout_p=0.0):
+        folded_calls.append(chunks)
+        return query_folded_attention(q, k, v, chunks, dropout_p)
+
+    monkeypatch.setattr(attention_module, "_chunks_for_backward", lambda q, k: 4)
+    monkeypatch.setattr(attention_module, "query_folded_attention", folded)
+    folded_out = outputs_and_gradients()
+    assert folded_calls == [4] * 8  # every block of the four stages
+    torch.testing.assert_close(folded_out[0], plain[0])
+    for got, want in zip(folded_out[1], plain[1], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_folding_compiles_into_one_graph() -> None:
+    """`torch.compile(fullgraph=True)` traces the folded path, the CPU's thread count read once
+    at tracing (dynamo cannot trace `torch.get_num_threads`)."""
+    torch.manual_seed(0)
+    layer = SpatialReductionAttention(32, num_heads=1, sr_ratio=8)
+    x = torch.randn(1, 64 * 64, 32, requires_grad=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # one image, one head: half the CPU's threads idle in the backward
+    try:
+        q = torch.randn(1, 1, 64 * 64, 32, requires_grad=True)
+        assert attention_module._chunks_for_backward(q, torch.randn(1, 1, 64, 32)) == 2
+        compiled = torch.compile(layer, fullgraph=True)
+        out = compiled(x, (64, 64))
+        (grad,) = torch.autograd.grad(out.square().sum(), x)
+        with attention_module.query_folding(False):
+            expected = layer(x, (64, 64))
+            (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-4, rtol=1e-4)

@@ -9,6 +9,7 @@ training pass's peak memory in a fresh process (`training_pass_memory`)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -30,10 +31,12 @@ from pvtlab.bench import (
     time_interleaved,
 )
 from pvtlab.models.attention import (
+    backward_query_chunks,
     cpu_explicit_attention_max_scores,
     explicit_attention,
     explicit_attention_is_faster,
     explicit_attention_limit,
+    query_folded_attention,
 )
 from pvtlab.utils.allocator import freed_memory_is_reused
 
@@ -50,6 +53,7 @@ __all__ = [
 ]
 
 KERNELS = {"SDPA": F.scaled_dot_product_attention, "explicit": explicit_attention}
+FOLDED = "SDPA, queries folded"
 # Training passes of `training_passes`: label -> (bf16 autocast, SDPA throughout).
 PASSES = {
     "fp32": (False, True),
@@ -86,6 +90,10 @@ class AttentionRow(NamedTuple):
     sdpa_ms: float
     explicit_ms: float
     taken: str  # the kernel `SpatialReductionAttention` runs at this shape and dtype
+    # SDPA with the queries folded into the batch (`pvtlab.models.attention`), where pvtlab
+    # folds them: on a GPU, at shapes whose backward would be short of work; else None.
+    folded_ms: float | None = None
+    chunks: int = 1
 
 
 class _RecordAttention(TorchFunctionMode):
@@ -123,9 +131,9 @@ def attention_shapes(setting: AttentionSetting) -> list[tuple[int, int, int, int
 
 def _time_kernels(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool, repeats: int,
-    device: torch.device,
+    device: torch.device, kernels: dict[str, Any] = KERNELS,
 ) -> dict[str, float]:  # fmt: skip
-    """Median seconds of each of `KERNELS` on (q, k, v), with the gradients of all three if
+    """Median seconds of each of `kernels` on (q, k, v), with the gradients of all three if
     `backward`, the kernels timed in turns."""
     inputs = [t.detach().requires_grad_(backward) for t in (q, k, v)]
     grad_out = torch.randn_like(q)
@@ -134,9 +142,14 @@ def _time_kernels(
         out = kernel(*inputs)
         return torch.autograd.grad(out, inputs, grad_out) if backward else out
 
-    paths = {label: (lambda kernel=kernel: call(kernel)) for label, kernel in KERNELS.items()}
+    paths = {label: (lambda kernel=kernel: call(kernel)) for label, kernel in kernels.items()}
     with torch.set_grad_enabled(backward):
         return time_interleaved(paths, warmup=2, repeats=repeats, device=device)
+
+
+def _folds_queries(device: torch.device) -> bool:
+    """Whether pvtlab's training may fold queries into the batch on `device`."""
+    return device.type in ("cuda", "cpu")
 
 
 def attention_kernels(
@@ -144,22 +157,46 @@ def attention_kernels(
 ) -> list[AttentionRow]:
     """Milliseconds of SDPA and of the explicit product at each stage's attention shape of
     `setting`, in fp32 and bf16, forward alone and with its backward (gradients of queries,
-    keys and values)."""
+    keys and values); also of SDPA with the queries folded into the batch where pvtlab's
+    training folds them (`backward_query_chunks`)."""
     device = device or bench_device()
     rows = []
     for stage, shape in enumerate(attention_shapes(setting), 1):
         b, heads, queries, keys, head_dim = shape
+        chunks = (
+            backward_query_chunks(b, heads, queries, keys, device.type)
+            if _folds_queries(device)
+            else 1
+        )
+        kernels = dict(KERNELS)
+        if chunks > 1:
+            kernels[FOLDED] = functools.partial(query_folded_attention, chunks=chunks)
         for dtype in (torch.float32, torch.bfloat16):
             q = torch.randn(b, heads, queries, head_dim, device=device, dtype=dtype)
             k, v = (torch.randn(b, heads, keys, head_dim, device=device, dtype=dtype) for _ in "kv")
             taken = "explicit" if explicit_attention_is_faster(q, k) else "SDPA"
+            if taken == "SDPA" and chunks > 1:
+                taken = f"SDPA, queries in {chunks} chunks in training"
             for backward in (False, True):
-                seconds = _time_kernels(q, k, v, backward, repeats, device)
-                sdpa_ms, explicit_ms = 1000 * seconds["SDPA"], 1000 * seconds["explicit"]
+                ms = {
+                    label: 1000 * seconds
+                    for label, seconds in _time_kernels(
+                        q, k, v, backward, repeats, device, kernels
+                    ).items()
+                }
                 dtype_name = str(dtype).removeprefix("torch.")
                 rows.append(
                     AttentionRow(
-                        setting, stage, shape, dtype_name, backward, sdpa_ms, explicit_ms, taken
+                        setting,
+                        stage,
+                        shape,
+                        dtype_name,
+                        backward,
+                        ms["SDPA"],
+                        ms["explicit"],
+                        taken,
+                        ms.get(FOLDED),
+                        chunks,
                     )
                 )
     return rows
@@ -245,7 +282,44 @@ def training_pass_memory(
 
 
 def attention_section(rows: list[AttentionRow]) -> str:
-    """The report's table of `attention_kernels` rows."""
+    """The report's table of `attention_kernels` rows (with the folded queries' columns where
+    any row timed them)."""
+    folded = any(r.folded_ms is not None for r in rows)
+    header = [
+        "model and input",
+        "stage",
+        "batch x heads x queries x keys x head_dim",
+        "scores",
+        "dtype",
+        "pass",
+        "SDPA ms",
+        "explicit ms",
+        "explicit / SDPA time",
+    ]
+    if folded:
+        header += ["query chunks", "SDPA, queries folded ms", "folded / SDPA time"]
+
+    def cells(r: AttentionRow) -> tuple[Any, ...]:
+        base = (
+            str(r.setting),
+            r.stage,
+            " x ".join(map(str, r.shape)),
+            f"2^{math.log2(math.prod(r.shape[:4])):.1f}",
+            r.dtype,
+            "forward + backward" if r.backward else "forward",
+            r.sdpa_ms,
+            r.explicit_ms,
+            r.explicit_ms / r.sdpa_ms,
+        )
+        if folded:
+            timed = r.folded_ms is not None
+            base += (
+                r.chunks,
+                r.folded_ms if timed else "-",
+                r.folded_ms / r.sdpa_ms if timed else "-",
+            )
+        return (*base, r.taken)
+
     return (
         "## Attention kernels (each stage's attention)\n\n"
         "SDPA (`F.scaled_dot_product_attention`) against the explicit softmax product "
@@ -254,36 +328,16 @@ def attention_section(rows: list[AttentionRow]) -> str:
         "the explicit product on the CPU in bf16 for at most "
         f"2^{math.log2(cpu_explicit_attention_max_scores()):.1f} scores in this run, where "
         f"freed memory {'is' if freed_memory_is_reused() else 'is not'} reused "
-        "(`pvtlab.utils.allocator`), SDPA elsewhere).\n\n"
-        + markdown_table(
-            [
-                "model and input",
-                "stage",
-                "batch x heads x queries x keys x head_dim",
-                "scores",
-                "dtype",
-                "pass",
-                "SDPA ms",
-                "explicit ms",
-                "explicit / SDPA time",
-                "taken",
-            ],
-            [
-                (
-                    str(r.setting),
-                    r.stage,
-                    " x ".join(map(str, r.shape)),
-                    f"2^{math.log2(math.prod(r.shape[:4])):.1f}",
-                    r.dtype,
-                    "forward + backward" if r.backward else "forward",
-                    r.sdpa_ms,
-                    r.explicit_ms,
-                    r.explicit_ms / r.sdpa_ms,
-                    r.taken,
-                )
-                for r in rows
-            ],
+        "(`pvtlab.utils.allocator`), SDPA elsewhere"
+        + (
+            "; in training with the queries folded into the batch in `query chunks` chunks "
+            "where SDPA's backward would be short of pieces of work, "
+            "`pvtlab.models.attention.backward_query_chunks`"
+            if folded
+            else ""
         )
+        + ").\n\n"
+        + markdown_table([*header, "taken"], [cells(r) for r in rows])
     )
 
 

@@ -494,13 +494,19 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
 
 def _attention_sections(quick: bool, fwd_model: str, size: int, batch: int) -> list[str]:
     """The attention kernels at the forward paths' shapes and at a segmentation crop (larger
-    score tensors), and a training pass by attention kernel there and at a detection input
-    with its training batch (the largest: 2^27.1 scores in stage 1)."""
+    score tensors; on a GPU also at a detection input), and a training pass by attention
+    kernel there and at a detection input with its training batch (the largest: 2^27.1 scores
+    in stage 1)."""
     classifier = AttentionSetting(fwd_model, size, batch)
     settings = [classifier] if quick else [classifier, AttentionSetting(fwd_model, 512, 8, True)]
     repeats = 1 if quick else 5
-    kernels = [row for s in settings for row in attention_kernels(s, repeats)]
     detection = [] if quick else [AttentionSetting(fwd_model, 800, 2, True, width=1333)]
+    # On a GPU, the kernels at detection inputs too, batch 1 and 2: where SDPA's backward is
+    # short of work and pvtlab folds the queries into the batch (minutes on the CPU).
+    on_gpu = bench_device().type == "cuda"
+    at_detection = [AttentionSetting(fwd_model, 800, 1, True, width=1333), *detection]
+    kernel_settings = [*settings, *at_detection] if on_gpu and not quick else settings
+    kernels = [row for s in kernel_settings for row in attention_kernels(s, repeats)]
     pass_settings = [*settings, *detection]
     passes = {s: training_passes(s, repeats=1 if quick else 3) for s in pass_settings}
     peaks = {s: training_pass_memory(s) for s in pass_settings}

@@ -31,6 +31,23 @@ The speed costs memory in training: the explicit product keeps its score tensor 
 backward, SDPA only a log-sum-exp per query. A run sets its own limit with the
 `explicit_attention_max_scores` key of src/train.py and src/eval.py
 (`set_explicit_attention_limit`; 0: SDPA throughout).
+
+SDPA's backward kernels share their work out coarsely. On a GPU (flash and memory-efficient)
+by blocks of keys, times batch and heads, each block looping over every query: PVT's early
+stages have one or two heads and, after the spatial reduction, about a thousand keys for tens of
+thousands of queries, so stage 1 at 800 x 1333, batch 1, gives 9 blocks of work to a GPU with
+132 multiprocessors, and the H200 run (experiments/gpu_h200.md) saw SDPA's forward + backward
+there at 0.45x the explicit product's speed, while its forward alone was faster. On the CPU by
+batch times heads, one a thread: at batch 1, stage 1 runs its backward on one core. Queries
+attend independently, so `attention` cuts them into chunks that become batch entries (keys and
+values repeated, their gradients summed back through the repeat) until the backward has enough
+pieces of work (`backward_query_chunks`; `query_folding(False)` turns it off): the same
+arithmetic, spread over the device. On the 2-core CPU (2026-12-06, 03:05 UTC) stage 1's kernel
+at 800 x 1333, batch 1 (1 x 1 x 66800 x 1050 x 64) took 379 -> 309 ms in its backward in fp32,
+385 -> 275 ms in bf16, two chunks against none; at batch 2, or stage 2 (two heads), nothing
+changed. On a GPU the remedy is derived from the kernels' launch grids and not yet measured:
+`python src/bench.py suites=[training]` there times it against plain SDPA in the attention
+table.
 """
 
 from __future__ import annotations
@@ -46,11 +63,15 @@ from pvtlab.utils.allocator import freed_memory_is_reused
 __all__ = [
     "CPU_EXPLICIT_ATTENTION_MAX_SCORES",
     "CPU_EXPLICIT_ATTENTION_MAX_SCORES_FRESH_MEMORY",
+    "GPU_BACKWARD_BLOCKS",
     "attention",
+    "backward_query_chunks",
     "cpu_explicit_attention_max_scores",
     "explicit_attention",
     "explicit_attention_is_faster",
     "explicit_attention_limit",
+    "query_folded_attention",
+    "query_folding",
     "set_explicit_attention_limit",
 ]
 
@@ -61,6 +82,16 @@ CPU_EXPLICIT_ATTENTION_MAX_SCORES_FRESH_MEMORY = 2**23
 # The limit set by `set_explicit_attention_limit` (the `explicit_attention_max_scores` key of
 # src/train.py and src/eval.py) or by `explicit_attention_limit`'s block; None: the two above.
 _limit_override: int | None = None
+
+# Blocks of work wanted in SDPA's GPU backward: about twice the multiprocessors of the largest
+# GPUs (132 on an H100 or H200). The flash and memory-efficient kernels take keys 64 or 128 at a
+# time; counting by 128 errs towards more chunks.
+GPU_BACKWARD_BLOCKS = 256
+_KEY_BLOCK = 128
+# The fewest queries a chunk keeps: below that a chunk's loop is too short to pay for its
+# share of loading the keys.
+_MIN_QUERIES_PER_CHUNK = 1024
+_fold_queries = True  # `query_folding`'s setting
 
 
 def cpu_explicit_attention_max_scores() -> int:
@@ -130,6 +161,72 @@ def explicit_attention_limit(max_scores: int | None) -> Iterator[None]:
         set_explicit_attention_limit(saved)
 
 
+@torch.compiler.assume_constant_result  # read when traced: dynamo cannot trace the call
+def _cpu_threads() -> int:
+    return torch.get_num_threads()
+
+
+def backward_query_chunks(
+    batch: int, heads: int, queries: int, keys: int, device_type: str = "cuda"
+) -> int:
+    """Into how many chunks to cut the queries so that SDPA's backward has enough pieces of
+    work: on a GPU, blocks of keys times batch and heads, about `GPU_BACKWARD_BLOCKS`; on the
+    CPU, batch times heads, one a thread (`torch.get_num_threads()`). A power of two; 1 where
+    the batch and heads already give enough or where chunks would fall under
+    `_MIN_QUERIES_PER_CHUNK` queries."""
+    if device_type == "cuda":
+        pieces, wanted = batch * heads * -(-keys // _KEY_BLOCK), GPU_BACKWARD_BLOCKS
+    else:
+        pieces, wanted = batch * heads, _cpu_threads()
+    chunks = 1
+    while pieces * chunks < wanted and queries // (2 * chunks) >= _MIN_QUERIES_PER_CHUNK:
+        chunks *= 2
+    return chunks
+
+
+def query_folded_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunks: int, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """SDPA with the queries cut into `chunks` chunks that become batch entries, each attending
+    to all the keys: the same result as one call, with `chunks` times the blocks of work in the
+    backward. The queries are padded to a multiple of `chunks`; the padding's outputs are
+    dropped, so it gets no gradient."""
+    batch, heads, queries, head_dim = q.shape
+    per_chunk = -(-queries // chunks)
+    q = F.pad(q, (0, 0, 0, per_chunk * chunks - queries))
+    # [B, H, C * n, d] -> [B * C, H, n, d], chunk-major within each image
+    q = q.reshape(batch, heads, chunks, per_chunk, head_dim).transpose(1, 2)
+    q = q.reshape(batch * chunks, heads, per_chunk, head_dim)
+
+    def repeat(t: torch.Tensor) -> torch.Tensor:
+        return t.unsqueeze(1).expand(-1, chunks, -1, -1, -1).reshape(batch * chunks, *t.shape[1:])
+
+    out = F.scaled_dot_product_attention(q, repeat(k), repeat(v), dropout_p=dropout_p)
+    out = out.reshape(batch, chunks, heads, per_chunk, head_dim).transpose(1, 2)
+    return out.reshape(batch, heads, chunks * per_chunk, head_dim)[:, :, :queries]
+
+
+@contextmanager
+def query_folding(enabled: bool) -> Iterator[None]:
+    """Within this block `attention` folds queries into the batch on a GPU (`enabled`, the
+    default) or calls SDPA as it is, for benchmarks and tests."""
+    global _fold_queries
+    saved, _fold_queries = _fold_queries, enabled
+    try:
+        yield
+    finally:
+        _fold_queries = saved
+
+
+def _chunks_for_backward(q: torch.Tensor, k: torch.Tensor) -> int:
+    """`backward_query_chunks` where SDPA's backward will run (queries that need a gradient, on a
+    GPU or the CPU), else 1."""
+    if not (_fold_queries and q.requires_grad and q.device.type in ("cuda", "cpu")):
+        return 1
+    batch, heads, queries, _ = q.shape
+    return backward_query_chunks(batch, heads, queries, k.shape[2], q.device.type)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -139,8 +236,12 @@ def attention(
     attn_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``softmax(q k^T / sqrt(head_dim)) v`` over ``[batch, heads, tokens, head_dim]`` tensors,
-    `attn_mask` as SDPA's: by SDPA if `fused`, unless `explicit_attention_is_faster`; written
-    out otherwise."""
+    `attn_mask` as SDPA's: by SDPA if `fused` (on a GPU in training with the queries folded
+    into the batch where its backward would be short of work: `backward_query_chunks`), unless
+    `explicit_attention_is_faster`; written out otherwise."""
     if fused and not explicit_attention_is_faster(q, k):
+        chunks = 1 if attn_mask is not None else _chunks_for_backward(q, k)
+        if chunks > 1:
+            return query_folded_attention(q, k, v, chunks, dropout_p)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
     return explicit_attention(q, k, v, dropout_p, attn_mask)
