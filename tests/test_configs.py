@@ -115,3 +115,16 @@ def test_progress_bar_can_be_switched_off_from_the_trainer(tmp_path: Path) -> No
 
     assert bars([])  # the default group shows one
     assert bars(["trainer.enable_progress_bar=false"]) == []
+
+
+@pytest.mark.parametrize("trainer", ["ddp", "ddp_cpu"])
+def test_ddp_trainers_keep_gradients_in_the_all_reduce_buckets(
+    trainer: str, tmp_path: Path
+) -> None:
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import DDPStrategy
+
+    cfg = compose_config([f"trainer={trainer}"], output_dir=tmp_path / "run")
+    strategy = instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, DDPStrategy)
+    assert strategy._ddp_kwargs == {"gradient_as_bucket_view": True}
