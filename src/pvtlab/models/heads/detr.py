@@ -34,6 +34,7 @@ from pvtlab.data.detection_transforms import pad_images
 from pvtlab.models.attention import attention
 from pvtlab.models.heads.detr_criterion import SetCriterion
 from pvtlab.models.heads.detr_matcher import HungarianMatcher
+from pvtlab.utils.transfer import to_device_without_waiting
 
 
 class PositionEmbeddingSine(nn.Module):
@@ -270,10 +271,10 @@ class DETR(nn.Module):
             raise ValueError("DETR in training mode needs targets (boxes, labels) per image")
         batch, padding = pad_images(images, self.size_divisible)
         outputs = self.predict(batch, padding)
-        # Copied without waiting: a blocking copy to a GPU first waits for the forward above.
-        sizes = torch.tensor(
-            [[im.shape[-1], im.shape[-2]] * 2 for im in images], dtype=torch.float32
-        ).to(batch.device, non_blocking=True)
+        sizes = to_device_without_waiting(  # not waiting for the forward above
+            torch.tensor([[im.shape[-1], im.shape[-2]] * 2 for im in images], dtype=torch.float32),
+            batch.device,
+        )
         if self.training:
             return self.criterion(outputs, normalize_targets(targets, sizes))
         return postprocess(outputs["logits"], outputs["boxes"], sizes)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert
 
 from pvtlab.models.heads.detr_matcher import HungarianMatcher, Match
+from pvtlab.utils.transfer import to_device_without_waiting
 
 Targets = Sequence[Mapping[str, Tensor]]
 
@@ -142,9 +143,8 @@ def matched_pairs(
     tensor on `device`, the target counted over the batch's targets in order (image i's start
     at the sum of `sizes` before it).
 
-    One copy, not waited for: a blocking copy to a GPU would first wait for every kernel queued
-    before it, and indexing device tensors with host indices copies them that way, once per
-    index, layer and image."""
+    One copy, not waited for (`to_device_without_waiting`): indexing device tensors with host
+    indices would copy them once per index, layer and image, each copy waiting for the device."""
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     layers = []
     for layer in matches:
@@ -152,7 +152,7 @@ def matched_pairs(
         query = torch.cat([q for q, _ in layer])
         target = torch.cat([t + start for (_, t), start in zip(layer, starts, strict=True)])
         layers.append(torch.stack([image, query, target]))
-    return torch.stack(layers).to(device, non_blocking=True)
+    return to_device_without_waiting(torch.stack(layers), device)
 
 
 def generalized_iou_loss(boxes: Tensor, targets: Tensor, eps: float = 1e-7) -> Tensor:
