@@ -208,8 +208,8 @@ def query_folded_attention(
 
 @contextmanager
 def query_folding(enabled: bool) -> Iterator[None]:
-    """Within this block `attention` folds queries into the batch on a GPU (`enabled`, the
-    default) or calls SDPA as it is, for benchmarks and tests."""
+    """Within this block `attention` folds queries into the batch for the backward's sake
+    (`enabled`, the default) or calls SDPA as it is, for benchmarks and tests."""
     global _fold_queries
     saved, _fold_queries = _fold_queries, enabled
     try:
@@ -236,8 +236,8 @@ def attention(
     attn_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``softmax(q k^T / sqrt(head_dim)) v`` over ``[batch, heads, tokens, head_dim]`` tensors,
-    `attn_mask` as SDPA's: by SDPA if `fused` (on a GPU in training with the queries folded
-    into the batch where its backward would be short of work: `backward_query_chunks`), unless
+    `attn_mask` as SDPA's: by SDPA if `fused` (in training with the queries folded into the
+    batch where its backward would be short of work: `backward_query_chunks`), unless
     `explicit_attention_is_faster`; written out otherwise."""
     if fused and not explicit_attention_is_faster(q, k):
         chunks = 1 if attn_mask is not None else _chunks_for_backward(q, k)

@@ -75,10 +75,10 @@ class OnInputP6P7(LastLevelP6P7):
 class DeviceLossRetinaNet(RetinaNet):
     """torchvision's RetinaNet whose training loss reads nothing back to the host.
 
-    torchvision assigns anchors and sums the losses image by image with reads of the device's
-    values (`pvtlab.models.heads.retinanet_loss`); here they are batched tensor operations with
-    the same result, so that a GPU step runs without the host waiting. Evaluation, parameters
-    and checkpoints are torchvision's.
+    torchvision assigns anchors and sums the losses image by image, reading values back from the
+    device several times an image; here `pvtlab.models.heads.retinanet_loss` does the same with
+    batched tensor operations and the same result, so that a GPU step runs without the host
+    waiting. Evaluation, parameters and checkpoints are torchvision's.
     """
 
     def forward(
@@ -126,7 +126,7 @@ def check_target_boxes(boxes: Tensor, index: int) -> None:
 
     The area check reads the boxes, which on an accelerator would make the host wait each step;
     there, pvtlab's loaders have already dropped such boxes (`min_box_size`) and a box that
-    slipped through gives an infinite box loss, which `NonFiniteLossGuard` stops on.
+    slipped through gives an infinite or NaN box loss, which `NonFiniteLossGuard` stops on.
     """
     if boxes.ndim != 2 or boxes.shape[-1] != 4:
         raise ValueError(
@@ -157,7 +157,8 @@ def build_retinanet(
     detections_per_img: int = 100,
     size_divisible: int = 32,
 ) -> DeviceLossRetinaNet:
-    """torchvision RetinaNet (its loss on the device: `DeviceLossRetinaNet`) on `backbone`'s stages `in_stages` (+ P6, P7 from the last one).
+    """torchvision's RetinaNet, its loss computed on the device (`DeviceLossRetinaNet`), on
+    `backbone`'s stages `in_stages` (+ P6, P7 from the last one).
 
     Args:
         backbone: timm `features_only` model (four maps, `feature_info`).
