@@ -335,8 +335,11 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
             else "(resident-set high-water mark, glibc mmap threshold 128 KiB; see "
             "pvtlab.bench.PeakMemory)."
         ),
-        "Attention: `fused` is torch's scaled_dot_product_attention, `reference` the explicit "
-        "softmax(QK^T)V of the release (same weights, same model).",
+        "Attention: `fused` is pvtlab's attention as the models run it "
+        "(`pvtlab.models.attention.attention`: torch's scaled_dot_product_attention, on the CPU "
+        "in bf16 the explicit product where that is faster; in the forward + backward with the "
+        "queries folded into the batch where the backward would be short of work), "
+        "`reference` the explicit softmax(QK^T)V of the release (same weights, same model).",
     ]
     md = write_report(
         out_dir / "backbones.md",
