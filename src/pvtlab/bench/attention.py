@@ -31,6 +31,7 @@ from pvtlab.bench import (
     time_interleaved,
 )
 from pvtlab.models.attention import (
+    FOLDING_DEVICE_TYPES,
     backward_query_chunks,
     cpu_explicit_attention_max_scores,
     explicit_attention,
@@ -90,8 +91,8 @@ class AttentionRow(NamedTuple):
     sdpa_ms: float
     explicit_ms: float
     taken: str  # the kernel `SpatialReductionAttention` runs at this shape and dtype
-    # SDPA with the queries folded into the batch (`pvtlab.models.attention`), where pvtlab
-    # folds them: on a GPU, at shapes whose backward would be short of work; else None.
+    # SDPA with the queries folded into the batch (`pvtlab.models.attention`), where pvtlab's
+    # training folds them (shapes whose backward would be short of work); else None.
     folded_ms: float | None = None
     chunks: int = 1
 
@@ -147,11 +148,6 @@ def _time_kernels(
         return time_interleaved(paths, warmup=2, repeats=repeats, device=device)
 
 
-def _folds_queries(device: torch.device) -> bool:
-    """Whether pvtlab's training may fold queries into the batch on `device`."""
-    return device.type in ("cuda", "cpu")
-
-
 def attention_kernels(
     setting: AttentionSetting, repeats: int, device: torch.device | None = None
 ) -> list[AttentionRow]:
@@ -165,7 +161,7 @@ def attention_kernels(
         b, heads, queries, keys, head_dim = shape
         chunks = (
             backward_query_chunks(b, heads, queries, keys, device.type)
-            if _folds_queries(device)
+            if device.type in FOLDING_DEVICE_TYPES
             else 1
         )
         kernels = dict(KERNELS)

@@ -63,6 +63,7 @@ from pvtlab.utils.allocator import freed_memory_is_reused
 __all__ = [
     "CPU_EXPLICIT_ATTENTION_MAX_SCORES",
     "CPU_EXPLICIT_ATTENTION_MAX_SCORES_FRESH_MEMORY",
+    "FOLDING_DEVICE_TYPES",
     "GPU_BACKWARD_BLOCKS",
     "attention",
     "backward_query_chunks",
@@ -92,6 +93,8 @@ _KEY_BLOCK = 128
 # share of loading the keys.
 _MIN_QUERIES_PER_CHUNK = 1024
 _fold_queries = True  # `query_folding`'s setting
+# The devices whose SDPA backward `backward_query_chunks` knows how to spread.
+FOLDING_DEVICE_TYPES = ("cuda", "cpu")
 
 
 def cpu_explicit_attention_max_scores() -> int:
@@ -221,7 +224,7 @@ def query_folding(enabled: bool) -> Iterator[None]:
 def _chunks_for_backward(q: torch.Tensor, k: torch.Tensor) -> int:
     """`backward_query_chunks` where SDPA's backward will run (queries that need a gradient, on a
     GPU or the CPU), else 1."""
-    if not (_fold_queries and q.requires_grad and q.device.type in ("cuda", "cpu")):
+    if not (_fold_queries and q.requires_grad and q.device.type in FOLDING_DEVICE_TYPES):
         return 1
     batch, heads, queries, _ = q.shape
     return backward_query_chunks(batch, heads, queries, k.shape[2], q.device.type)
