@@ -109,8 +109,9 @@ def retinanet_losses(
 ) -> dict[str, Tensor]:
     """RetinaNet's focal classification loss and L1 box loss, each summed per image over its
     anchors (classification: all but the ignored ones; boxes: the matched ones), divided by that
-    image's matched-anchor count (at least 1) and averaged over the batch (torchvision's, and
-    mmdetection's per-image normalization).
+    image's matched-anchor count (at least 1) and averaged over the batch: torchvision's
+    normalization (mmdetection, the release's framework, divides the batch's sums by the
+    batch's matched-anchor count instead).
 
     Args:
         cls_logits: (B, A, K) class logits; bbox_regression: (B, A, 4) predicted deltas.
