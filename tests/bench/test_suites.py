@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import yaml
 
 from pvtlab.bench import attention as attention_bench
 from pvtlab.bench import data, detectors, runner, training
+from pvtlab.bench.losses import QUICK_LOSS, RETINANET_LOSSES, retinanet_loss_paths
 from pvtlab.bench.steps import HEADS, StepResult
 from tests.bench.test_plots import png_size
 
@@ -91,6 +93,17 @@ def test_detectors_quick(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_retinanet_losses_timed_on_the_same_inputs_agree() -> None:
+    timing = retinanet_loss_paths(QUICK_LOSS, repeats=1)
+    assert list(timing.seconds) == list(timing.losses) == list(RETINANET_LOSSES)
+    assert all(seconds > 0 for seconds in timing.seconds.values())
+    theirs, ours = timing.losses.values()
+    assert ours == pytest.approx(theirs, rel=1e-5) and ours["classification"] > 0
+    # 9 anchors a position of P3-P7 (strides 8-128) over the 96 x 128 input
+    positions = sum(math.ceil(96 / s) * math.ceil(128 / s) for s in (8, 16, 32, 64, 128))
+    assert timing.num_anchors == 9 * positions
+
+
 def test_training_quick_covers_every_head_and_path(tmp_path: Path) -> None:
     md, png = training.run(tmp_path, quick=True)
     text = md.read_text()
@@ -141,7 +154,12 @@ def test_training_quick_covers_every_head_and_path(tmp_path: Path) -> None:
         "Optimizer step",
         "Host allocator",
         "channels_last",
+        "RetinaNet's training loss alone",
     )
+    losses = text.split("## RetinaNet's training loss alone")[1].split("##")[0]
+    for label in RETINANET_LOSSES:  # both timed, their loss values in the table
+        (row,) = [line for line in losses.splitlines() if line.startswith(f"| {label} |")]
+        assert all(float(cell) > 0 for cell in row.split("|")[2:6]), row
     for heading in (*headings, "## Targets"):
         assert heading in text
     table = [line for line in text.split("## Targets")[1].splitlines() if line.startswith("|")]

@@ -1,6 +1,7 @@
 """Training benchmark: images per second and peak memory of one training step of every task and
-head (eager fp32, bf16 autocast, torch.compile), and the forward-pass fast paths of PVT-Small
-measured against the issue's targets as ratios (never asserted).
+head (eager fp32, bf16 autocast, torch.compile), the forward-pass fast paths of PVT-Small
+measured against the issue's targets as ratios (never asserted), and RetinaNet's training loss
+alone, pvtlab's device-side one against torchvision's (`pvtlab.bench.losses`).
 
     python src/bench.py suites=[training] [quick=true]
 
@@ -48,6 +49,12 @@ from pvtlab.bench.attention import (
     training_passes,
 )
 from pvtlab.bench.backbones import Config, time_in_fresh_process
+from pvtlab.bench.losses import (
+    COCO_LOSS,
+    QUICK_LOSS,
+    retinanet_loss_paths,
+    retinanet_loss_section,
+)
 from pvtlab.bench.plots import bar_chart, new_figure, save_figure
 from pvtlab.bench.steps import (
     HEADS,
@@ -462,6 +469,10 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
         fwd, allocator, cnn, optimizer_s, fwd_model, size, batch, mm, cnn_name, cnn_size
     )
     forward_sections[1:1] = _attention_sections(quick, fwd_model, size, batch)
+    loss_setting = QUICK_LOSS if quick else COCO_LOSS
+    loss_repeats = 1 if quick else 10 if on_cpu else 50
+    loss_timing = retinanet_loss_paths(loss_setting, loss_repeats)
+    forward_sections.append(retinanet_loss_section(loss_setting, loss_timing, loss_repeats))
 
     # Every eager step before the first compiled one: a run stopped during compilation (a
     # minute or more a head) still has the whole eager table.
