@@ -112,7 +112,7 @@ def retinanet_loss_paths(
     shape = (setting.batch, num_anchors)
     # Logits near the head's initial prior (about 0.01 foreground probability), small deltas.
     outputs = {
-        "cls_logits": (torch.randn(*shape, setting.num_classes, device=device) - 4.6),
+        "cls_logits": torch.randn(*shape, setting.num_classes, device=device) - 4.6,
         "bbox_regression": 0.1 * torch.randn(*shape, 4, device=device),
     }
     for tensor in outputs.values():
