@@ -99,6 +99,9 @@ def test_retinanet_losses_timed_on_the_same_inputs_agree() -> None:
     assert all(seconds > 0 for seconds in timing.seconds.values())
     theirs, ours = timing.losses.values()
     assert ours == pytest.approx(theirs, rel=1e-5) and ours["classification"] > 0
+    # torchvision's makes the host wait (per image: its matching, its foreground count); ours not
+    waits_theirs, waits_ours = timing.host_waits.values()
+    assert waits_theirs >= 2 * QUICK_LOSS.batch and waits_ours == 0
     # 9 anchors a position of P3-P7 (strides 8-128) over the 96 x 128 input
     positions = sum(math.ceil(96 / s) * math.ceil(128 / s) for s in (8, 16, 32, 64, 128))
     assert timing.num_anchors == 9 * positions
@@ -159,7 +162,9 @@ def test_training_quick_covers_every_head_and_path(tmp_path: Path) -> None:
     losses = text.split("## RetinaNet's training loss alone")[1].split("##")[0]
     for label in RETINANET_LOSSES:  # both timed, their loss values in the table
         (row,) = [line for line in losses.splitlines() if line.startswith(f"| {label} |")]
-        assert all(float(cell) > 0 for cell in row.split("|")[2:6]), row
+        cells = row.split("|")
+        assert all(float(cell) > 0 for cell in (*cells[2:4], *cells[5:7])), row
+        assert int(cells[4]) >= 0  # host waits
     for heading in (*headings, "## Targets"):
         assert heading in text
     table = [line for line in text.split("## Targets")[1].splitlines() if line.startswith("|")]

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from pvtlab.pipeline import build_task
+from pvtlab.utils.host_sync import DeviceWaits
 from tests.conftest import compose_config
 
 HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__")
@@ -47,37 +47,6 @@ def intercept_host_reads(
         yield
 
 
-# Operators whose result the host must wait for: a value, or a size that depends on the values.
-VALUE_READS = {"aten._local_scalar_dense", "aten.equal", "aten.is_nonzero", "aten.allclose"}
-VALUE_SIZED = {
-    "aten.nonzero",
-    "aten.masked_select",
-    "aten._unique2",
-    "aten.unique_dim",
-    "aten.unique_consecutive",
-    "aten.repeat_interleave",  # without output_size, its length is the sum of the repeats
-}
-BOOLEAN_INDEXED = {"aten.index", "aten.index_put", "aten.index_put_", "aten._index_put_impl_"}
-
-
-class DeviceWaits(TorchDispatchMode):
-    """Records every operator call that would make the host wait for a GPU (by name)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        name = func.overloadpacket._qualified_op_name.replace("::", ".")
-        if name in VALUE_READS or name in VALUE_SIZED:
-            self.calls[name] += 1
-        elif name in BOOLEAN_INDEXED and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None
-        ):
-            self.calls[f"{name} with a boolean mask"] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_device_waits_sees_value_sized_operators() -> None:
     values = torch.tensor([0.0, 2.0, -1.0])
     with DeviceWaits() as waits:
@@ -86,6 +55,7 @@ def test_device_waits_sees_value_sized_operators() -> None:
         torch.where(values > 0, values, 1.0)  # fixed size: no wait
         values.clamp(min=0).sum()
     assert waits.calls == {"aten.index_put_ with a boolean mask": 1, "aten.nonzero": 1}
+    assert waits.total == 2
 
 
 @contextmanager

@@ -6,7 +6,7 @@ reads values back from the device up to 11 times an image; pvtlab's
 batch with masks and reads nothing back. Both give the same numbers
 (tests/models/test_retinanet_loss.py). Here each takes random head outputs at a detection
 input, forward and backward, in turns; the report also gives each one's loss values, which
-should agree.
+should agree, and how many times each makes the host wait (`pvtlab.utils.host_sync`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torchvision.models.detection.image_list import ImageList
 
 from pvtlab.bench import bench_device, markdown_table, time_interleaved
 from pvtlab.models.heads.retinanet import DeviceLossRetinaNet, build_retinanet
+from pvtlab.utils.host_sync import DeviceWaits
 
 __all__ = [
     "COCO_LOSS",
@@ -61,10 +62,12 @@ QUICK_LOSS = LossSetting(96, 128, 2, 3, 3)
 
 @dataclass
 class LossTiming:
-    """Median seconds of one forward + backward per loss, and each loss's values."""
+    """Per loss: median seconds of one forward + backward, its values, and how many operator
+    calls in one forward + backward would make the host wait for a GPU."""
 
     seconds: dict[str, float]
     losses: dict[str, dict[str, float]]
+    host_waits: dict[str, int]
     num_anchors: int
 
 
@@ -124,10 +127,12 @@ def retinanet_loss_paths(
         torch.autograd.grad(sum(values.values()), list(outputs.values()))
         return values
 
-    losses = {
-        label: {k: float(v.detach()) for k, v in forward_backward(loss).items()}
-        for label, loss in RETINANET_LOSSES.items()
-    }
+    losses, host_waits = {}, {}
+    for label, loss in RETINANET_LOSSES.items():  # untimed: counting slows every operator
+        with DeviceWaits() as waits:
+            values = forward_backward(loss)
+        losses[label] = {k: float(v.detach()) for k, v in values.items()}
+        host_waits[label] = waits.total
     seconds = time_interleaved(
         {
             label: lambda loss=loss: forward_backward(loss)
@@ -136,7 +141,7 @@ def retinanet_loss_paths(
         repeats=repeats,
         device=device,
     )
-    return LossTiming(seconds, losses, num_anchors)
+    return LossTiming(seconds, losses, host_waits, num_anchors)
 
 
 def retinanet_loss_section(setting: LossSetting, timing: LossTiming, repeats: int) -> str:
@@ -147,6 +152,7 @@ def retinanet_loss_section(setting: LossSetting, timing: LossTiming, repeats: in
             label,
             1000 * seconds,
             reference / seconds,
+            timing.host_waits[label],
             timing.losses[label]["classification"],
             timing.losses[label]["bbox_regression"],
         )
@@ -158,11 +164,21 @@ def retinanet_loss_section(setting: LossSetting, timing: LossTiming, repeats: in
         f"{setting.height}x{setting.width} input, 9 a position), {setting.num_classes} classes, "
         f"batch {setting.batch}, {setting.boxes_per_image} random boxes an image; median of "
         f"{repeats} in turns after one (`pvtlab.bench.losses`). torchvision's loss works image "
-        "by image and reads values back from the device up to 11 times an image; pvtlab's "
+        "by image and reads values back from the device; pvtlab's "
         "(`pvtlab.models.heads.retinanet_loss`, what `head=retinanet` trains with) takes the "
-        "whole batch at once with masks and reads nothing back. The loss values should "
-        "agree.\n\n"
+        "whole batch at once with masks and reads nothing back. Host waits: the operator "
+        "calls in one forward + backward that would make the host wait for a GPU (a value read "
+        "back, or an output whose size depends on the values; `pvtlab.utils.host_sync`). The "
+        "loss values should agree.\n\n"
         + markdown_table(
-            ["loss", "ms", "speed-up vs torchvision", "classification loss", "box loss"], rows
+            [
+                "loss",
+                "ms",
+                "speed-up vs torchvision",
+                "host waits",
+                "classification loss",
+                "box loss",
+            ],
+            rows,
         )
     )
