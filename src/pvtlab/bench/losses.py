@@ -103,7 +103,8 @@ def retinanet_loss_paths(
     setting: LossSetting, repeats: int, device: torch.device | None = None
 ) -> LossTiming:
     """Time each of `RETINANET_LOSSES`, forward and backward to random head outputs, in turns
-    (median of `repeats` after one warm-up each)."""
+    (median of `repeats` after one warm-up each); before that, one untimed call of each gives
+    its loss values and counts its host waits (`DeviceWaits`)."""
     from pvtlab.models import create_backbone
 
     device = device or bench_device()
@@ -145,7 +146,8 @@ def retinanet_loss_paths(
 
 
 def retinanet_loss_section(setting: LossSetting, timing: LossTiming, repeats: int) -> str:
-    """The report's section: each loss's time, its speed against torchvision's, its values."""
+    """The report's section: each loss's time, its speed against torchvision's, its host
+    waits and its values."""
     reference = timing.seconds[next(iter(RETINANET_LOSSES))]
     rows: list[tuple[Any, ...]] = [
         (
