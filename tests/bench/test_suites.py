@@ -92,7 +92,6 @@ def test_detectors_quick(tmp_path: Path) -> None:
     assert taken == {"small map": "products", "large map": "torchvision"}
 
 
-@pytest.mark.slow
 def test_retinanet_losses_timed_on_the_same_inputs_agree() -> None:
     timing = retinanet_loss_paths(QUICK_LOSS, repeats=1)
     assert list(timing.seconds) == list(timing.losses) == list(RETINANET_LOSSES)
@@ -107,6 +106,7 @@ def test_retinanet_losses_timed_on_the_same_inputs_agree() -> None:
     assert timing.num_anchors == 9 * positions
 
 
+@pytest.mark.slow
 def test_training_quick_covers_every_head_and_path(tmp_path: Path) -> None:
     md, png = training.run(tmp_path, quick=True)
     text = md.read_text()
