@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,12 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
+from torch import nn
 
 from pvtlab.bench import PeakMemory, bench_device, run_worker, synchronize
+from pvtlab.bench.profile_parts import PART_RANGE, events_in_parts, marked_parts
 from pvtlab.models.attention import explicit_attention_limit
+from pvtlab.models.heads import static_shape_parts
 from pvtlab.utils.numerics import use_fast_float32_matmuls
 
 __all__ = [
@@ -149,30 +153,50 @@ LIBRARY_OPS = frozenset(
 
 
 class StepProfiler(L.Callback):
-    """The share of one training batch's CPU time spent in `LIBRARY_OPS` (`library_share`):
-    what `torch.compile` cannot speed up, so the step can get at most 1 / share times faster."""
+    """The shares of one training batch's CPU time spent in `LIBRARY_OPS` (`library_share`),
+    what `torch.compile` cannot speed up, and, of an eager step, outside them in the parts
+    that `compile=true` compiles (`compilable_share`, `pvtlab.bench.profile_parts`), all it
+    could: the step can get at most 1 / library_share and 1 / (1 - compilable_share) times
+    faster."""
 
     def __init__(self, batch_index: int) -> None:
         self.batch_index = batch_index
         self.library_share: float | None = None
+        self.compilable_share: float | None = None
         self._profile: Any = None
+        self._marks = ExitStack()
 
-    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.batch_index:
-            from torch.profiler import ProfilerActivity, profile
+    def on_train_batch_start(
+        self, trainer: L.Trainer, module: L.LightningModule, *args: Any
+    ) -> None:
+        if trainer.global_step != self.batch_index:
+            return
+        from torch.profiler import ProfilerActivity, profile
 
-            self._profile = profile(activities=[ProfilerActivity.CPU])
-            self._profile.__enter__()
+        parts = static_shape_parts(module.model)
+        if not any(_is_compiled(part) for part in parts):
+            self._marks.enter_context(marked_parts(parts))
+        self._profile = self._marks.enter_context(profile(activities=[ProfilerActivity.CPU]))
 
     def on_train_batch_end(self, *args: Any) -> None:
         if self._profile is None:
             return
-        self._profile.__exit__(None, None, None)
-        events = self._profile.key_averages()
+        profiled, self._profile = self._profile, None
+        self._marks.close()
+        events = profiled.events()
         total = sum(e.self_cpu_time_total for e in events)
-        library = sum(e.self_cpu_time_total for e in events if e.key in LIBRARY_OPS)
-        self.library_share = library / total if total else None
-        self._profile = None
+        if not total:
+            return
+        library = sum(e.self_cpu_time_total for e in events if e.name in LIBRARY_OPS)
+        self.library_share = library / total
+        in_parts = events_in_parts(events)
+        if any(e.name == PART_RANGE for e in in_parts):
+            compilable = sum(e.self_cpu_time_total for e in in_parts if e.name not in LIBRARY_OPS)
+            self.compilable_share = compilable / total
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    return getattr(module, "_compiled_call_impl", None) is not None
 
 
 @dataclass
@@ -183,6 +207,7 @@ class StepResult:
     first_step_s: float  # includes compilation when compiled
     peak_mib: float | None
     library_share: float | None = None  # see StepProfiler; measured when asked for
+    compilable_share: float | None = None  # see StepProfiler; of an eager step, when asked for
     step_times_s: list[float] = field(default_factory=list)  # the timed steps (step_s: median)
 
 
@@ -261,11 +286,18 @@ def measure_training_step(
     if loop is not None:
         step = loop_timer.seconds / steps
         first = loop_timer.warmup_s / max(warmup, 1)
-        return StepResult(batch, batch / step, step, first, peak.mib, None, [step])
+        return StepResult(batch, batch / step, step, first, peak.mib, step_times_s=[step])
     timed = timer.times[warmup : warmup + steps] or timer.times
     step = statistics.median(timed)
     return StepResult(
-        batch, batch / step, step, timer.times[0], peak.mib, profiler.library_share, list(timed)
+        batch,
+        batch / step,
+        step,
+        timer.times[0],
+        peak.mib,
+        profiler.library_share,
+        profiler.compilable_share,
+        list(timed),
     )
 
 
