@@ -70,10 +70,23 @@ def test_data_and_training_plots(tmp_path: Path) -> None:
     assert two[0] == pytest.approx(2 * one[0], rel=0.05) and two[1] == one[1]
     ratio_rows = [
         training.RatioRow(
-            "classification", "linear", 0.7, 1.4, 0.7, 1.4, 1.06, 1.24, 1.01, "0.9-1.1", 1.3, 0.99
+            "classification",
+            "linear",
+            0.7,
+            1.4,
+            1.3,
+            "20 / 18",
+            0.7,
+            1.4,
+            1.06,
+            1.24,
+            1.01,
+            "0.9-1.1",
+            1.3,
+            0.99,
         ),
         training.RatioRow(
-            "detection", "detr", 0.4, 2.3, 0.4, 2.5, None, 1.18, None, None, 1.3, None
+            "detection", "detr", 0.4, 2.3, 1.4, None, 0.4, 2.5, None, 1.18, None, None, 1.3, None
         ),
     ]
     fwd = {training.REFERENCE: 16.0, training.EAGER_FP32: 14.9, training.EAGER_BF16: 29.1}

@@ -34,3 +34,18 @@ def test_nothing_is_inside_without_marked_parts() -> None:
     with torch.profiler.profile() as profiled:
         part(torch.randn(2, 4)).sum().backward()
     assert events_in_parts(profiled.events()) == []
+
+
+def test_a_compiled_part_is_found_by_dynamos_regions() -> None:
+    part = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    part.compile()
+    inputs = torch.randn(5, 8)
+    part(inputs).pow(2).mean().backward()  # compiles
+    with torch.profiler.profile() as profiled:
+        part(inputs).pow(2).mean().backward()
+    events = profiled.events()
+    inside = {event.name for event in events_in_parts(events)}
+    outside = {event.name for event in events} - inside
+    assert {"CompiledFunction", BACKWARD + "CompiledFunctionBackward", "aten::addmm"} <= inside
+    assert any(name.startswith("Torch-Compiled Region") for name in inside)
+    assert {"aten::pow", BACKWARD + "PowBackward0"} <= outside

@@ -4,8 +4,11 @@
 and leaves the rest eager: a detector's target assignment, NMS and losses, the optimizer, the
 loop. What compile could ever save is therefore at most the time of the operations run inside
 those parts, forward and backward, other than the library kernels it calls as they are.
-`marked_parts` names each forward of the parts in the profiler's record; `events_in_parts`
-finds, in that record, the operations of those forwards and the autograd backward of them.
+`marked_parts` names each forward of the parts in the profiler's record of an eager step;
+`events_in_parts` finds, in that record, the operations of those forwards and the autograd
+backward of them. In a compiled step the parts are already named, by dynamo's own ranges
+(`Torch-Compiled Region: ...`, with its guard checks), so the same count says what the
+compiled parts still take.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from torch import nn
 __all__ = ["PART_RANGE", "events_in_parts", "marked_parts"]
 
 PART_RANGE = "pvtlab::compiled_part"
+# What dynamo names in the profiler: a compiled frame's run, and the guard checks before it.
+_COMPILED_RANGES = ("Torch-Compiled Region", "TorchDynamo Cache Lookup")
 _BACKWARD = "autograd::engine::evaluate_function"
 
 
@@ -45,8 +50,8 @@ def marked_parts(parts: Sequence[nn.Module]) -> Iterator[None]:
 
 def events_in_parts(events: Iterable[Any]) -> list[Any]:
     """The profiler events (`torch.profiler.profile().events()`) of the work the parts did: each
-    `PART_RANGE` and everything under it, and the backward of every operation recorded there
-    (the autograd engine's nodes that carry its sequence number, with their children).
+    `PART_RANGE` or compiled region and everything under it, and the backward of every operation
+    recorded there (the autograd engine's nodes that carry its sequence number, with theirs).
     Gradient accumulation into the parameters is left out: it runs in a compiled step too."""
     events = list(events)
     inside: dict[int, Any] = {}
@@ -58,7 +63,7 @@ def events_in_parts(events: Iterable[Any]) -> list[Any]:
                 take(child)
 
     for event in events:
-        if event.name == PART_RANGE:
+        if event.name == PART_RANGE or event.name.startswith(_COMPILED_RANGES):
             take(event)
     forward_ops = {e.sequence_nr for e in inside.values() if e.sequence_nr >= 0}
     for event in events:

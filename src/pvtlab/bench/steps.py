@@ -30,7 +30,7 @@ from omegaconf import DictConfig, open_dict
 from torch import nn
 
 from pvtlab.bench import PeakMemory, bench_device, run_worker, synchronize
-from pvtlab.bench.profile_parts import PART_RANGE, events_in_parts, marked_parts
+from pvtlab.bench.profile_parts import events_in_parts, marked_parts
 from pvtlab.models.attention import explicit_attention_limit
 from pvtlab.models.heads import static_shape_parts
 from pvtlab.utils.numerics import use_fast_float32_matmuls
@@ -153,16 +153,18 @@ LIBRARY_OPS = frozenset(
 
 
 class StepProfiler(L.Callback):
-    """The shares of one training batch's CPU time spent in `LIBRARY_OPS` (`library_share`),
-    what `torch.compile` cannot speed up, and, of an eager step, outside them in the parts
-    that `compile=true` compiles (`compilable_share`, `pvtlab.bench.profile_parts`), all it
-    could: the step can get at most 1 / library_share and 1 / (1 - compilable_share) times
-    faster."""
+    """Where one training batch's CPU time goes: the share in `LIBRARY_OPS` (`library_share`),
+    which `torch.compile` calls as they are, and the time outside them spent in the parts that
+    `compile=true` compiles, forward and backward (`parts_s`, `parts_share`;
+    `pvtlab.bench.profile_parts`). Of an eager step, that is all compile could save: the step
+    can get at most 1 / library_share and 1 / (1 - parts_share) times faster. Of a compiled
+    step, it is what the compiled parts still take."""
 
     def __init__(self, batch_index: int) -> None:
         self.batch_index = batch_index
         self.library_share: float | None = None
-        self.compilable_share: float | None = None
+        self.parts_share: float | None = None
+        self.parts_s: float | None = None
         self._profile: Any = None
         self._marks = ExitStack()
 
@@ -174,7 +176,7 @@ class StepProfiler(L.Callback):
         from torch.profiler import ProfilerActivity, profile
 
         parts = static_shape_parts(module.model)
-        if not any(_is_compiled(part) for part in parts):
+        if not any(_is_compiled(part) for part in parts):  # compiled ones are named by dynamo
             self._marks.enter_context(marked_parts(parts))
         self._profile = self._marks.enter_context(profile(activities=[ProfilerActivity.CPU]))
 
@@ -188,11 +190,11 @@ class StepProfiler(L.Callback):
         if not total:
             return
         library = sum(e.self_cpu_time_total for e in events if e.name in LIBRARY_OPS)
-        self.library_share = library / total
         in_parts = events_in_parts(events)
-        if any(e.name == PART_RANGE for e in in_parts):
-            compilable = sum(e.self_cpu_time_total for e in in_parts if e.name not in LIBRARY_OPS)
-            self.compilable_share = compilable / total
+        parts = sum(e.self_cpu_time_total for e in in_parts if e.name not in LIBRARY_OPS)
+        self.library_share = library / total
+        if in_parts:
+            self.parts_share, self.parts_s = parts / total, parts * 1e-6  # microseconds
 
 
 def _is_compiled(module: nn.Module) -> bool:
@@ -207,7 +209,8 @@ class StepResult:
     first_step_s: float  # includes compilation when compiled
     peak_mib: float | None
     library_share: float | None = None  # see StepProfiler; measured when asked for
-    compilable_share: float | None = None  # see StepProfiler; of an eager step, when asked for
+    parts_share: float | None = None  # see StepProfiler; measured when asked for
+    parts_s: float | None = None  # see StepProfiler; measured when asked for
     step_times_s: list[float] = field(default_factory=list)  # the timed steps (step_s: median)
 
 
@@ -296,7 +299,8 @@ def measure_training_step(
         timer.times[0],
         peak.mib,
         profiler.library_share,
-        profiler.compilable_share,
+        profiler.parts_share,
+        profiler.parts_s,
         list(timed),
     )
 

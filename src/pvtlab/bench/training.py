@@ -317,6 +317,14 @@ def _compiled_ceiling(eager: StepResult | None, compiled: StepResult | None) -> 
     return eager.step_s / (compiled.library_share * compiled.step_s)
 
 
+def _parts_ms(eager: StepResult | None, compiled: StepResult | None) -> str | None:
+    """The compiled parts' CPU time outside library kernels in one profiled step, eager and
+    compiled: what compile had to work on and what it left of it."""
+    if not eager or not compiled or eager.parts_s is None or compiled.parts_s is None:
+        return None
+    return f"{eager.parts_s * 1e3:.3g} / {compiled.parts_s * 1e3:.3g}"
+
+
 def _measure_path(
     task: str, head: str, path: StepPath, data_dir: Path, steps: int, extra: list[str]
 ) -> StepResult | str:
@@ -400,7 +408,8 @@ class RatioRow(NamedTuple):
     head: str
     library_share: float | None  # of one profiled eager fp32 step (CPU)
     compile_ceiling: float | None  # 1 / library_share
-    compiled_parts_ceiling: float | None  # 1 / (1 - compilable_share), same eager step
+    compiled_parts_ceiling: float | None  # 1 / (1 - parts_share), same eager step
+    parts_ms: str | None  # the parts' time outside library kernels: "eager / compiled" ms
     compiled_library_share: float | None
     compiled_ceiling: float | None  # the eager step over the compiled step's library time
     reused_vs_default_malloc: float | None
@@ -425,13 +434,14 @@ def _ratio_row(
     eager, compiled = get(eager_path.label), get(compiled_path.label)
     bare_loop, run_loop = (get(path.label) for path in LOOP_PATHS[device])
     share = fp32 and fp32.library_share
-    compilable = fp32 and fp32.compilable_share
+    parts = fp32 and fp32.parts_share
     return RatioRow(
         task,
         head,
         share,
         None if not share else 1 / share,
-        None if compilable is None else 1 / (1 - compilable),
+        None if parts is None else 1 / (1 - parts),
+        _parts_ms(eager, compiled),
         compiled and compiled.library_share,
         _compiled_ceiling(eager, compiled),
         _ratio(fp32 and fp32.images_per_s, malloc and malloc.images_per_s),
@@ -636,6 +646,7 @@ def _step_sections(rows: list[tuple], ratio_rows: list[RatioRow], device: str) -
             "library-kernel share (eager fp32)",
             "compile ceiling",
             "ceiling, compiled parts",
+            "compiled parts outside library kernels, ms: eager / compiled",
             "library-kernel share (compiled)",
             "ceiling from the compiled step",
             "reused memory / default malloc",
@@ -662,7 +673,10 @@ def _step_sections(rows: list[tuple], ratio_rows: list[RatioRow], device: str) -
         "the time outside the library kernels spent inside those parts, forward and backward "
         "(`pvtlab.bench.profile_parts`), in the same profiled eager step: 1 / (1 - that "
         "share), the most compile could gain if that time vanished; the rest (the loss, "
-        "target assignment, NMS, the optimizer, the loop) stays as it is. The same share of "
+        "target assignment, NMS, the optimizer, the loop) stays as it is. Beside it, that "
+        "time in CPU milliseconds, and the same count in one profiled compiled step (dynamo "
+        "names the compiled parts' regions): what compile had to work on, and what its "
+        "kernels and calls still take of it. The library-kernel share of "
         "one profiled compiled step "
         "says how much of it is still outside those kernels (inductor's own kernels, the "
         "optimizer, copies, dispatch); its ceiling, the eager step over the compiled step's "
