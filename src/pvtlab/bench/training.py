@@ -616,7 +616,7 @@ def _header(
         "attention table); `SDPA throughout` turns that choice off.",
         "Targets (issue 10, set for the 2-core CPU) are ratios taken in this one run; they are "
         "reported, not asserted. A loaded machine shifts every figure: see the load average "
-        "above. Ceiling: the ratio no software could beat on this machine: the forward at the "
+        "above. Ceiling: the ratio the path could not beat on this machine: the forward at the "
         "large aten matmul's GMAC rate (compile, fp32; the frozen path's prepacked oneDNN "
         "products can pass it), every operation as much faster in bf16 as "
         "the matmul is (bf16), a training step whose time outside the library kernels in the "
