@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from pvtlab.models import count_gmacs, create_backbone
 from pvtlab.models.heads.semantic_fpn import SemanticFPN
 from pvtlab.models.heads.trans2seg import Trans2Seg
+from pvtlab.models.resize import Upsample2x
 from pvtlab.utils.config import config_without
 
 
@@ -89,9 +90,7 @@ def test_semantic_fpn_branches_follow_the_strides() -> None:
     convs = [
         sum(isinstance(m, torch.nn.Conv2d) for m in branch.modules()) for branch in head.branches
     ]
-    ups = [
-        sum(isinstance(m, torch.nn.Upsample) for m in branch.modules()) for branch in head.branches
-    ]
+    ups = [sum(isinstance(m, Upsample2x) for m in branch.modules()) for branch in head.branches]
     assert convs == [1, 1, 2, 3]  # max(1, log2(stride / 4)) for strides 4, 8, 16, 32
     assert ups == [0, 1, 2, 3]
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pvtlab.models.heads.fpn import BackboneWithFPN
+from pvtlab.models.resize import Upsample2x, resize_bilinear
 
 
 def norm_2d(kind: str, channels: int) -> nn.Module:
@@ -57,7 +57,7 @@ class ScaleBranch(nn.Sequential):
         for step in range(steps):
             layers.append(ConvNormReLU(in_channels if step == 0 else channels, channels, 3, norm))
             if stride != finest:
-                layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+                layers.append(Upsample2x())
         super().__init__(*layers)
 
 
@@ -104,7 +104,7 @@ class SemanticFPNHead(nn.Module):
         for branch, feature in zip(self.branches, features, strict=True):
             level = branch(feature)
             if level.shape[-2:] != size:  # inputs not divisible by 32 give off-by-one grids
-                level = F.interpolate(level, size=size, mode="bilinear", align_corners=False)
+                level = resize_bilinear(level, size)
             out = level if out is None else out + level
         return self.classifier(self.dropout(out))
 
@@ -141,4 +141,4 @@ class SemanticFPN(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         features = list(self.backbone(images).values())
         logits = self.head(features)
-        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return resize_bilinear(logits, images.shape[-2:])

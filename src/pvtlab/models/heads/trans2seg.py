@@ -33,12 +33,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 from torch import Tensor, nn
 
 from pvtlab.models.attention import attention
 from pvtlab.models.heads.semantic_fpn import ConvNormReLU, norm_2d
+from pvtlab.models.resize import resize_bilinear
 
 
 class SelfAttention(nn.Module):
@@ -220,7 +220,7 @@ class Trans2SegHead(nn.Module):
         """`(1, H*W, C)`: the stored grid, resized bilinearly when the token grid differs."""
         pos = self.pos_embed
         if pos.shape[-2:] != (height, width):
-            pos = F.interpolate(pos, size=(height, width), mode="bilinear", align_corners=False)
+            pos = resize_bilinear(pos, (height, width))
         return pos.flatten(2).transpose(1, 2)
 
     def class_maps(self, context: Tensor) -> tuple[Tensor, Tensor]:
@@ -248,7 +248,7 @@ class Trans2SegHead(nn.Module):
         x = (x + self.feature_proj(features).unsqueeze(1)).flatten(0, 1)
         x = self.map_conv(self.map_act(x))
         size = detail.shape[-2:]
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        x = resize_bilinear(x, size)
         x = x.reshape(B, K, -1, *size) + self.detail_proj(detail).unsqueeze(1)
         x = self.pred(self.fuse(x.flatten(0, 1)))
         return x.reshape(B, K, *size)
@@ -299,4 +299,4 @@ class Trans2Seg(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         features = self.backbone(images)
         logits = self.head(features[self.detail_stage], features[self.context_stage])
-        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return resize_bilinear(logits, images.shape[-2:])
