@@ -68,27 +68,36 @@ def test_data_and_training_plots(tmp_path: Path) -> None:
     one = png_size(data._plot({"shapes": rates}, tmp_path / "one.png"))
     two = png_size(data._plot({"shapes": rates, "real": rates}, tmp_path / "two.png"))
     assert two[0] == pytest.approx(2 * one[0], rel=0.05) and two[1] == one[1]
-    ratio_rows = [
-        training.RatioRow(
-            "classification",
-            "linear",
-            0.7,
-            1.4,
-            1.3,
-            "20 / 18",
-            0.7,
-            1.4,
-            1.06,
-            1.24,
-            1.01,
-            "0.9-1.1",
-            1.3,
-            0.99,
-        ),
-        training.RatioRow(
-            "detection", "detr", 0.4, 2.3, 1.4, None, 0.4, 2.5, None, 1.18, None, None, 1.3, None
-        ),
-    ]
+    classifier = training.RatioRow(
+        task="classification",
+        head="linear",
+        library_share=0.7,
+        compile_ceiling=1.4,
+        compiled_parts_ceiling=1.3,
+        parts_ms="20 / 18",
+        compiled_library_share=0.7,
+        compiled_ceiling=1.4,
+        reused_vs_default_malloc=1.06,
+        bf16_speedup=1.24,
+        compile_speedup=1.01,
+        compile_speedup_per_pair="0.9-1.1",
+        compile_target=1.3,
+        run_loop_vs_bare=0.99,
+    )
+    # A head with columns left unmeasured (None), as the table and plot must take them.
+    detr = classifier._replace(
+        task="detection",
+        head="detr",
+        library_share=0.4,
+        compile_ceiling=2.3,
+        parts_ms=None,
+        reused_vs_default_malloc=None,
+        bf16_speedup=1.18,
+        compile_speedup=None,
+        compile_speedup_per_pair=None,
+        run_loop_vs_bare=None,
+    )
+    ratio_rows = [classifier, detr]
     fwd = {training.REFERENCE: 16.0, training.EAGER_FP32: 14.9, training.EAGER_BF16: 29.1}
     width, height = png_size(training._plot(ratio_rows, fwd, "cpu", tmp_path / "training.png"))
     assert width > 1.5 * height  # two panels side by side
