@@ -32,15 +32,15 @@ test-fast: $(STAMP) ## Run the suite without the slow learning checks
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
 lint: $(STAMP) ## ruff check and format check
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 format: $(STAMP) ## Apply ruff's fixes and formatting
-	$(BIN)/ruff check --fix src tests
-	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks
 
-bench: $(STAMP) ## Run the benchmark suite; tables and plots go to experiments/benchmarks/
-	$(BIN)/python src/bench.py $(ARGS)
+bench: $(STAMP) ## Benchmark throughput (benchmarks/README.md); CSV under outputs/benchmarks/
+	$(BIN)/python benchmarks/benchmark.py $(ARGS)
 
 clean: ## Remove the venv, caches, run outputs and generated data
 	rm -rf $(VENV) outputs multirun lightning_logs wandb .pytest_cache .ruff_cache data/shapes

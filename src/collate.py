@@ -1,6 +1,6 @@
 """Collate a multirun's metrics: `python src/collate.py <multirun dir> [--out DIR]`."""
 
-from pvtlab.experiments.collate import main
+from pvtlab.sweeps.collate import main
 
 if __name__ == "__main__":
     main()

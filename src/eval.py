@@ -4,13 +4,10 @@ import hydra
 from omegaconf import DictConfig
 
 from pvtlab import pipeline
-from pvtlab.utils.allocator import reuse_freed_memory
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    if cfg.reuse_freed_memory:
-        reuse_freed_memory()
     pipeline.evaluate(cfg)
 
 

@@ -4,17 +4,16 @@ import hydra
 from omegaconf import DictConfig
 
 from pvtlab import pipeline
-from pvtlab.utils.allocator import reuse_freed_memory
+from pvtlab.config import task_class
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    if cfg.reuse_freed_memory:
-        reuse_freed_memory()
     metrics = pipeline.train(cfg)
-    # A value for hyperparameter sweepers (Optuna): the metric named by `optimized_metric`.
-    name = cfg.get("optimized_metric")
-    return metrics.get(name) if name else None
+    # A value for hyperparameter sweepers (Optuna): the metric named by `optimized_metric`,
+    # by default the one the task chooses its best checkpoint by.
+    name = cfg.get("optimized_metric") or task_class(cfg).monitor
+    return metrics.get(name)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def test_predictions_notebook_runs(tmp_path: Path) -> None:
         NOTEBOOKS[1],
         "epochs = dict.fromkeys(epochs, 1)\ntrain_images, val_images, num_images = 16, 8, 4\n"
         f"data_dir = {str(tmp_path / 'data')!r}\nwork_dir = {str(tmp_path / 'work')!r}\n"
-        'overrides = ["data.batch_size=4", "+trainer.limit_train_batches=2"]',
+        'overrides = ["data.loader.batch_size=4", "+trainer.limit_train_batches=2"]',
         REPO,
     )
     assert _images(book) == 3  # one picture per task
@@ -105,8 +105,8 @@ def test_sweep_notebook_runs(tmp_path: Path) -> None:
     book = run_notebook(
         NOTEBOOKS[2],
         'sweep_settings = ["trainer.max_epochs=2", "data.generator.train_images=16", '
-        '"data.generator.val_images=8", "data.batch_size=4", "+trainer.limit_train_batches=2", '
-        f'"data.num_workers=0"]\nwork_dir = {str(tmp_path)!r}',
+        '"data.generator.val_images=8", "data.loader.batch_size=4", "+trainer.limit_train_batches=2", '
+        f'"data.loader.num_workers=0"]\nwork_dir = {str(tmp_path)!r}',
         REPO,
     )
     assert "2 jobs in" in _texts(book)

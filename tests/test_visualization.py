@@ -101,7 +101,7 @@ def test_a_run_draws_its_predictions_for_every_task(make_config, tmp_path, kind)
             "trainer=debug",
             "data.generator.train_images=16",
             "data.generator.val_images=8",
-            "data.batch_size=4",
+            "data.loader.batch_size=4",
         ]
     )
     with open_dict(cfg):

@@ -77,7 +77,7 @@ def _overrides(tmp_path: Path, epochs: int) -> list[str]:
         f"paths.data_dir={tmp_path / 'data'}",
         "data.generator.train_images=16",
         "data.generator.val_images=8",
-        "data.batch_size=8",
+        "data.loader.batch_size=8",
         f"trainer.max_epochs={epochs}",
         "+trainer.limit_val_batches=1",
         "trainer.log_every_n_steps=1",
@@ -114,8 +114,8 @@ def test_offline_run_holds_metrics_images_config_and_resumes(tmp_path: Path) -> 
         assert (run["dir"] / "files" / name).is_file()
 
     config = run["config"]
-    assert config["task"]["kind"] == "classification"  # nested, resolved
-    assert config["backbone"]["name"] == "pvt_tiny" and config["data"]["batch_size"] == 8
+    assert config["task"]["_target_"].endswith("ClassificationTask")  # nested, resolved
+    assert config["backbone"]["name"] == "pvt_tiny" and config["data"]["loader"]["batch_size"] == 8
     assert config["model/params"] > 1e6 and 0 < config["model/gmacs"] < 1
     assert config["model/gmacs_input_size"] == [64, 64]
 

@@ -22,6 +22,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from pvtlab.config import task_kind
+from pvtlab.sweeps.naming import job_run_name
+
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "wandb_run_id.txt"
@@ -60,7 +63,7 @@ def create_wandb_logger(
         offline = os.environ.get("WANDB_MODE") == "offline" or not wandb_account_configured()
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
-    name, group = _sweep_naming(name, group)
+    name = job_run_name(name)  # one name per job of a multirun; the pipeline sets its group
     run_id = kwargs.pop("id", None) or (previous_run_id(resume_from) if resume_from else None)
     if run_id:
         kwargs.setdefault("resume", "allow")
@@ -102,21 +105,8 @@ def previous_run_id(ckpt_path: str | Path) -> str | None:
     return None
 
 
-def _sweep_naming(name: str | None, group: str | None) -> tuple[str | None, str | None]:
-    """In a Hydra multirun each job gets its own name: `<name>-<job num> (<overrides>)`.
-    (Grouping by sweep is `pvtlab.experiments.runtime.set_sweep_group`'s job.)"""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return name, group
-    job = HydraConfig.get().job
-    suffix = f"{job.num}" + (f" ({job.override_dirname})" if job.get("override_dirname") else "")
-    return (f"{name}-{suffix}" if name else suffix), group
-
-
 def complexity_input_size(data: DictConfig) -> tuple[int, int] | None:
-    """The (H, W) a run's network sees at evaluation, from the data config: `crop_size`
+    """The (H, W) a run's network sees at evaluation, from the data's transforms: `crop_size`
     (segmentation), `image_size` (classification) or `test_short_side` x `max_size`
     (detection, the paper's 800 x 1333 for COCO)."""
     if data.get("crop_size"):
@@ -156,10 +146,10 @@ def log_wandb_run_facts(logger: WandbLogger, cfg: DictConfig, model: nn.Module) 
     config = OmegaConf.to_container(cfg, resolve=True)
     config.pop("hydra", None)
     facts: dict[str, Any] = dict(config)
-    size = complexity_input_size(cfg.data)
+    size = complexity_input_size(cfg.data.get("transforms") or OmegaConf.create())
     if size is not None:
         try:
-            facts["model/gmacs"] = round(network_gmacs(model, cfg.task.kind, size), 4)
+            facts["model/gmacs"] = round(network_gmacs(model, task_kind(cfg), size), 4)
             facts["model/gmacs_input_size"] = list(size)
         except Exception as error:  # a head that cannot run on a random image: no figure
             log.warning("GMACs not counted at %s: %s: %s", size, type(error).__name__, error)

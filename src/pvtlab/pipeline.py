@@ -6,6 +6,7 @@ module, the model and the task, then the Lightning Trainer.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import zipfile
 from collections.abc import Mapping
@@ -14,64 +15,45 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from pvtlab.experiments.runtime import check_pretrained, set_sweep_group, write_metrics
-from pvtlab.loggers import log_wandb_run_facts
-from pvtlab.models import create_backbone
-from pvtlab.models.attention import set_explicit_attention_limit
-from pvtlab.tasks.base import FROZEN_WEIGHTS, TaskModule, frozen_weight_compilation
-from pvtlab.utils.arguments import HEAD_META, TASK_META
-from pvtlab.utils.config import (
+from pvtlab.config import (
     ConfigError,
     check_compatible,
-    config_without,
     print_config_tree,
     save_resolved_config,
+    task_class,
+    task_kind,
 )
-from pvtlab.utils.numerics import use_fast_float32_matmuls
+from pvtlab.loggers import log_wandb_run_facts
+from pvtlab.sweeps.metrics import write_metrics
+from pvtlab.sweeps.naming import set_sweep_group
+from pvtlab.sweeps.pretrained import check_pretrained
+from pvtlab.tasks.base import FROZEN_WEIGHTS, TaskModule, frozen_weight_compilation
 
 log = logging.getLogger(__name__)
-
-MEMORY_FORMATS = ("contiguous", "channels_last")  # backbone.memory_format
 
 
 def build_model(
     backbone: Mapping[str, Any], head: Mapping[str, Any], num_classes: int
 ) -> nn.Module:
-    """The network: a timm backbone (pyramid features or its own classifier) under a head.
+    """The network: a head built around a timm backbone.
 
     Args:
-        backbone: the `backbone` config group (name, pretrained, drop_path_rate, memory_format,
-            kwargs).
-        head: the `head` config group (`_target_` and its arguments, plus kind / features_only).
+        backbone: the `backbone` config group, a partial of `pvtlab.models.create_backbone`
+            (name, pretrained, drop_path_rate, ...); the head completes it, with
+            ``features_only=True`` for the dense heads, with `num_classes` for the classifier.
+        head: the `head` config group (`_target_` and its arguments).
         num_classes: classes of the data set.
     """
-    backbone = dict(backbone)
-    head_cfg = OmegaConf.create(dict(head))
-    memory_format = backbone.get("memory_format") or "contiguous"
-    if memory_format not in MEMORY_FORMATS:
-        raise ValueError(
-            f"backbone.memory_format={memory_format!r}: choose one of {', '.join(MEMORY_FORMATS)}"
-        )
-    network = create_backbone(
-        backbone["name"],
-        features_only=bool(head_cfg.get("features_only", True)),
-        num_classes=num_classes,
-        pretrained=backbone.get("pretrained"),
-        drop_path_rate=backbone.get("drop_path_rate"),
-        channels_last=memory_format == "channels_last",
-        **dict(backbone.get("kwargs") or {}),
-    )
-    return instantiate(
-        config_without(head_cfg, HEAD_META), backbone=network, num_classes=num_classes
-    )
+    factory = instantiate(OmegaConf.create(dict(backbone)))
+    return instantiate(OmegaConf.create(dict(head)), backbone=factory, num_classes=num_classes)
 
 
 def model_config(cfg: DictConfig) -> dict[str, Any]:
@@ -88,24 +70,41 @@ def build_task(cfg: DictConfig, description: Mapping[str, Any] | None = None) ->
     description = dict(description or model_config(cfg))
     model = build_model(description["backbone"], description["head"], description["num_classes"])
     # Partial first: `description` holds the head's `_target_`, which instantiate would recurse into.
-    # Resolved against the whole config first: the copy without TASK_META loses its root, and task
-    # configs interpolate other groups (e.g. ${head.optim.lr}, ${paths.output_dir}).
-    task_cfg = OmegaConf.create(OmegaConf.to_container(cfg.task, resolve=True))
-    factory = instantiate(config_without(task_cfg, TASK_META), _partial_=True, _convert_="all")
+    factory = instantiate(cfg.task, _partial_=True, _convert_="all")
     return factory(model=model, model_config=description)
 
 
-def _instantiate_group(group: DictConfig | None) -> list[Any]:
-    """Instantiate every `_target_` entry of a callbacks / logger group (entries may be null)."""
+def _instantiate_group(group: DictConfig | None, **monitor: str) -> list[Any]:
+    """Instantiate every `_target_` entry of a callbacks / logger group (entries may be null).
+    A `ModelCheckpoint` whose config names no metric keeps the best checkpoint by `monitor`
+    (`monitor=..., mode=...`: the task's own metric)."""
     if not group:
         return []
-    return [instantiate(entry) for entry in group.values() if entry and "_target_" in entry]
+    return [
+        instantiate(entry, **(monitor if _needs_monitor(entry) else {}))
+        for entry in group.values()
+        if entry and "_target_" in entry
+    ]
+
+
+def _needs_monitor(entry: DictConfig) -> bool:
+    # A subclass may fix its own (StepCheckpoint keeps the last state, whatever the metrics).
+    target = get_class(str(entry._target_))
+    return (
+        issubclass(target, ModelCheckpoint)
+        and "monitor" in inspect.signature(target).parameters
+        and "monitor" not in entry
+    )
 
 
 def build_trainer(cfg: DictConfig, resume_from: str | None = None) -> L.Trainer:
     """`resume_from`: the checkpoint fitting resumes from; loggers whose config declares a
-    `resume_from` key receive it (W&B continues that checkpoint's run)."""
-    callbacks = _instantiate_group(cfg.get("callbacks"))
+    `resume_from` key receive it (W&B continues that checkpoint's run). The best checkpoint is
+    chosen by the task's metric (`TaskModule.monitor`)."""
+    task = task_class(cfg)
+    callbacks = _instantiate_group(
+        cfg.get("callbacks"), monitor=task.monitor, mode=task.monitor_mode
+    )
     loggers = [
         instantiate(entry, **({"resume_from": resume_from} if "resume_from" in entry else {}))
         for entry in (cfg.get("logger") or {}).values()
@@ -123,14 +122,14 @@ def resolve_ckpt_path(value: str | None, cfg: DictConfig) -> str | None:
     if value in (None, ""):
         return None
     if value == "last":
-        runs = Path(cfg.paths.log_dir) / cfg.task.kind
+        runs = Path(cfg.paths.log_dir) / task_kind(cfg)
         candidates = sorted(runs.glob("*/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
         candidates += sorted(
             runs.glob("*/*/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime
         )
         if not candidates:
             raise ConfigError(
-                f"ckpt_path=last: no last.ckpt under {runs}/*/ (no earlier {cfg.task.kind} run)"
+                f"ckpt_path=last: no last.ckpt under {runs}/*/ (no earlier {task_kind(cfg)} run)"
             )
         return str(max(candidates, key=lambda p: p.stat().st_mtime))
     path = Path(value)
@@ -197,7 +196,7 @@ def load_task(cfg: DictConfig, ckpt_path: str | Path) -> TaskModule:
     missing, unexpected = task.load_state_dict(checkpoint["state_dict"], strict=False)
     if missing or unexpected:
         raise ConfigError(
-            f"{ckpt_path} does not fit task={cfg.task.kind}: missing keys {missing[:10]}"
+            f"{ckpt_path} does not fit task={task_kind(cfg)}: missing keys {missing[:10]}"
             f"{' ...' if len(missing) > 10 else ''}, unexpected keys {unexpected[:10]}"
             f"{' ...' if len(unexpected) > 10 else ''}"
         )
@@ -238,16 +237,12 @@ def _prepare(cfg: DictConfig) -> Path:
     """Checks that need no data, then the config tree printed and saved with the run."""
     check_compatible(cfg)
     check_pretrained(cfg)
-    try:
-        set_explicit_attention_limit(cfg.get("explicit_attention_max_scores"))
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
     set_sweep_group(cfg)  # before the config is saved: config.yaml records the group
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     print_config_tree(cfg, save_to=output_dir / "config_tree.log")
     save_resolved_config(cfg, output_dir / "config.yaml")
-    use_fast_float32_matmuls()
+    torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     L.seed_everything(cfg.seed, workers=True)
     return output_dir
 

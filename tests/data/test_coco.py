@@ -362,11 +362,8 @@ def test_datamodule_batches_are_lists_of_images_and_targets(tmp_path: Path) -> N
     _coco_root(tmp_path)
     dm = CocoDataModule(
         tmp_path,
-        batch_size=2,
-        num_workers=0,
-        train_short_side=[32, 64],
-        test_short_side=48,
-        max_size=100,
+        loader={"batch_size": 2, "num_workers": 0},
+        transforms={"train_short_side": [32, 64], "test_short_side": 48, "max_size": 100},
         num_classes=2,
     )
     dm.setup("fit")

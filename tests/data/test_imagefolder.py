@@ -31,7 +31,11 @@ def make_folder(root: Path, per_class: int = 4, splits: tuple[str, ...] = ("trai
 
 
 def module(root: Path, **kwargs: object) -> ImageFolderDataModule:
-    settings = {"image_size": 32, "batch_size": 4, "num_workers": 0, **kwargs}
+    settings = {
+        "transforms": {"image_size": 32},
+        "loader": {"batch_size": 4, "num_workers": 0},
+        **kwargs,
+    }
     return ImageFolderDataModule(root, **settings)
 
 
@@ -133,5 +137,21 @@ def test_repeated_augmentation_uses_the_sampler(tmp_path: Path) -> None:
 
 
 def test_loader_defaults(tmp_path: Path) -> None:
-    dm = ImageFolderDataModule(make_folder(tmp_path), image_size=32)
+    dm = ImageFolderDataModule(make_folder(tmp_path), transforms={"image_size": 32})
     assert dm.loading == LoaderSettings.resolve()
+
+
+def test_repeated_augmentation_shuffles_from_the_run_seed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = make_folder(tmp_path)
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")  # what lightning.seed_everything(7) records
+
+    def order(**kwargs: object) -> list[int]:
+        return list(module(root, repeated_aug=3, **kwargs).train_dataloader().sampler)
+
+    assert module(root).sampler_seed() == 7 and module(root, seed=3).sampler_seed() == 3
+    assert order() == order()  # the same seed, the same epoch: the same stream
+    assert order() == order(seed=7) != order(seed=3)
+    monkeypatch.delenv("PL_GLOBAL_SEED")
+    assert module(root).sampler_seed() == 0

@@ -6,8 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from pvtlab.data.loading import LoaderSettings, default_num_workers, processes_on_this_node
+from pvtlab.data.config import as_config
+from pvtlab.data.loading import (
+    LoaderConfig,
+    LoaderSettings,
+    default_num_workers,
+    processes_on_this_node,
+)
 from pvtlab.data.shapes import shapes_datamodule
 
 
@@ -31,7 +38,7 @@ def test_pinning_needs_a_cuda_device() -> None:
 
 
 def test_negative_workers_is_an_error_naming_the_key() -> None:
-    with pytest.raises(ValueError, match=r"data\.num_workers=-1"):
+    with pytest.raises(ValueError, match=r"data\.loader\.num_workers=-1"):
         LoaderSettings.resolve(num_workers=-1)
 
 
@@ -69,7 +76,7 @@ def test_under_ddp_every_datamodule_gives_its_process_a_share_of_the_workers(
     tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     generator = {"image_size": 32, "train_images": 16, "val_images": 16}
-    dm = shapes_datamodule(kind, tmp_path, generator=generator, batch_size=2)
+    dm = shapes_datamodule(kind, tmp_path, generator=generator, loader={"batch_size": 2})
     dm.setup("fit")
     _cores(monkeypatch, 16)
 
@@ -83,10 +90,32 @@ def test_under_ddp_every_datamodule_gives_its_process_a_share_of_the_workers(
 @pytest.mark.parametrize("kind", ["classification", "detection", "segmentation"])
 def test_every_datamodule_hands_its_settings_to_its_loaders(tmp_path: Path, kind: str) -> None:
     generator = {"image_size": 32, "train_images": 16, "val_images": 16}
-    dm = shapes_datamodule(
-        kind, tmp_path, generator=generator, num_workers=1, persistent_workers=False, batch_size=2
-    )
+    settings = {"batch_size": 2, "num_workers": 1, "persistent_workers": False}
+    dm = shapes_datamodule(kind, tmp_path, generator=generator, loader=settings)
     dm.setup("fit")
     loader = dm.train_dataloader()
     assert (loader.num_workers, loader.persistent_workers) == (1, False)
     assert loader.pin_memory == torch.cuda.is_available()
+
+
+def test_a_config_group_replaces_only_the_fields_it_names() -> None:
+    default = LoaderConfig(batch_size=2, eval_batch_size=1)
+    assert as_config(None, default, "data.loader") is default
+    node = OmegaConf.create({"batch_size": 8, "num_workers": 0})  # what Hydra passes
+    config = as_config(node, default, "data.loader")
+    assert config == LoaderConfig(batch_size=8, eval_batch_size=1, num_workers=0)
+    assert config.settings() == LoaderSettings.resolve(num_workers=0)
+    with pytest.raises(TypeError, match=r"unknown data\.loader setting\(s\) \['val_batch_size'\]"):
+        as_config({"val_batch_size": 4}, default, "data.loader")
+    with pytest.raises(ValueError, match=r"data\.loader\.batch_size=0"):
+        LoaderConfig(batch_size=0)
+
+
+@pytest.mark.parametrize("kind", ["classification", "detection", "segmentation"])
+def test_every_datamodule_evaluates_at_eval_batch_size(tmp_path: Path, kind: str) -> None:
+    generator = {"image_size": 32, "train_images": 8, "val_images": 8}
+    settings = {"batch_size": 2, "eval_batch_size": 4, "num_workers": 0}
+    dm = shapes_datamodule(kind, tmp_path, generator=generator, loader=settings)
+    dm.setup("fit")
+    assert dm.train_dataloader().batch_size == 2
+    assert dm.val_dataloader().batch_size == 4 and dm.test_dataloader().batch_size == 4

@@ -273,11 +273,8 @@ def test_datamodule_loaders(tiny_ade: Path) -> None:
         tiny_ade,
         num_classes=2,
         class_names=("left", "right"),
-        batch_size=2,
-        val_batch_size=2,
-        num_workers=0,
-        crop_size=(32, 32),
-        scale=(128, 32),
+        loader={"batch_size": 2, "eval_batch_size": 2, "num_workers": 0},
+        transforms={"crop_size": (32, 32), "scale": (128, 32)},
     )
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))

@@ -1,6 +1,6 @@
 """An independent, minimal re-statement of the released PVT v1 forward pass, for parity tests.
 
-Written from the description in shared/REFERENCE.md section 1 (not from the authors' code):
+Written from the description in docs/paper.md section 1 (not from the authors' code):
 plain functions over a state dict in the release's flat key layout, explicit softmax, no
 modules. Patch embeddings are Conv2d k = s = p with no padding, so inputs must be multiples of
 32 (what the release runs on). Position embeddings are resized per stage to that stage's own

@@ -23,11 +23,13 @@ CHANNELS = {
 SIZE = (67, 99)  # odd, not a multiple of 32
 
 
-def _config(name: str, kind: str = "detection") -> dict:
-    cfg = OmegaConf.create(
-        {"backbone": OmegaConf.load(CONF / f"{name}.yaml"), "task": {"kind": kind}}
-    )
-    return OmegaConf.to_container(cfg.backbone, resolve=True)
+def _config(name: str) -> dict:
+    return OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"), resolve=True)
+
+
+def _arguments(cfg: dict) -> dict:
+    """The backbone file's create_backbone arguments."""
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
 def test_every_backbone_has_a_config() -> None:
@@ -42,37 +44,27 @@ def test_every_backbone_has_a_config() -> None:
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_schema(name: str) -> None:
-    for kind in ("classification", "detection", "segmentation"):
-        cfg = _config(name, kind)
-        assert set(cfg) == {
-            "name", "family", "pretrained", "drop_path_by_task", "drop_path_rate",
-            "grad_clip_by_task", "memory_format", "kwargs",
-        }  # fmt: skip
-        assert cfg["name"] == name and cfg["family"] == backbone_family(name)
-        # NHWC for the convolutional baselines only (what it speeds up)
-        expected_format = "channels_last" if cfg["family"] == "cnn" else "contiguous"
-        assert cfg["memory_format"] == expected_format
-        assert cfg["drop_path_rate"] == cfg["drop_path_by_task"][kind]
-        assert set(cfg["grad_clip_by_task"]) == {"classification", "detection", "segmentation"}
-    if name in ("pvt_medium", "pvt_large"):
-        assert _config(name, "classification")["drop_path_rate"] == 0.3
-        assert _config(name, "classification")["grad_clip_by_task"]["classification"] == 1.0
-        assert _config(name, "detection")["drop_path_rate"] == 0.0
+    cfg = _config(name)
+    family = backbone_family(name)
+    pvt = {"img_size"} if family == "pvt" else set()  # where position embeddings are stored
+    assert set(cfg) == {
+        "_target_", "_partial_", "name", "pretrained", "drop_path_rate", "channels_last", *pvt
+    }  # fmt: skip
+    assert cfg["_target_"] == "pvtlab.models.create_backbone" and cfg["_partial_"] is True
+    assert cfg["name"] == name
+    # NHWC for the convolutional baselines only (what it speeds up)
+    assert cfg["channels_last"] is (family == "cnn")
+    # PVT-M/L's per-task values: recipe/backbone_task/ (tests/config/test_configs.py)
+    assert cfg["drop_path_rate"] == (0.0 if family == "cnn" else 0.1)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_pyramid_contract(name: str) -> None:
     cfg = _config(name)
     with torch.device("meta"):  # shapes only, without the arithmetic
-        model = create_backbone(
-            cfg["name"],
-            features_only=True,
-            pretrained=cfg["pretrained"],
-            drop_path_rate=cfg["drop_path_rate"],
-            **cfg["kwargs"],
-        ).eval()
+        model = create_backbone(features_only=True, **_arguments(cfg)).eval()
         maps = model(torch.randn(1, 3, *SIZE))
-    channels = CHANNELS.get(name, CHANNELS[cfg["family"]])
+    channels = CHANNELS.get(name, CHANNELS[backbone_family(name)])
     if name == "pvt_small_wide":
         channels = [88, 176, 440, 688]
     assert model.feature_info.channels() == channels
@@ -95,7 +87,7 @@ def test_baseline_features_run(name: str) -> None:
 def test_channels_last_backbone_keeps_its_outputs() -> None:
     from pvtlab.pipeline import build_model
 
-    head = {"_target_": "pvtlab.models.heads.linear.build_classifier", "features_only": False}
+    head = {"_target_": "pvtlab.models.heads.retinanet.build_retinanet"}
     torch.manual_seed(0)
     nchw = create_backbone("resnet18", features_only=True).eval()
     nhwc = create_backbone("resnet18", features_only=True, channels_last=True).eval()
@@ -106,8 +98,10 @@ def test_channels_last_backbone_keeps_its_outputs() -> None:
     with torch.no_grad():
         for a, b in zip(nchw(x), nhwc(x), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match=r"backbone\.memory_format='nhwc'"):
-        build_model({"name": "resnet18", "memory_format": "nhwc"}, head, num_classes=3)
+    # The backbone file's flag reaches the network the pipeline builds.
+    backbone = {**_config("resnet18"), "pretrained": None}
+    built = build_model(backbone, head, num_classes=3).backbone.body.conv1.weight
+    assert built.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_out_indices_select_pyramid_levels() -> None:

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN
+from torchvision.ops import MultiScaleRoIAlign
 
 from pvtlab.models.heads.mask_rcnn import build_mask_rcnn
 from pvtlab.models.heads.retinanet import build_retinanet
-from pvtlab.models.heads.roi_align import MultiScaleRoIAlignFastBackward
 
 K = 3  # object classes
 
@@ -129,8 +129,10 @@ def test_mask_rcnn_levels_p2_to_p6_and_released_settings() -> None:
     assert (heads.score_thresh, heads.nms_thresh, heads.detections_per_img) == (0.05, 0.5, 100)
     assert heads.box_predictor.cls_score.out_features == K + 1  # + background
     assert heads.mask_roi_pool.output_size == (14, 14)  # deconvolved to 28 x 28 masks
-    for pool in (heads.box_roi_pool, heads.mask_roi_pool):  # the CPU backward by products
-        assert isinstance(pool, MultiScaleRoIAlignFastBackward)
+    assert heads.box_roi_pool.output_size == (7, 7)
+    for pool in (heads.box_roi_pool, heads.mask_roi_pool):  # P2-P5, adaptive sampling (mmdet)
+        assert isinstance(pool, MultiScaleRoIAlign)
+        assert (pool.featmap_names, pool.sampling_ratio) == (["0", "1", "2", "3"], 0)
 
 
 def test_mask_rcnn_train_losses_and_eval_detections_with_masks() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import lightning as L
 import numpy as np
@@ -23,7 +22,6 @@ from pvtlab import pipeline
 from pvtlab.data.imagefolder import ImageFolderError
 from pvtlab.export import main as export_main
 from pvtlab.models import create_backbone
-from pvtlab.models.attention import set_explicit_attention_limit
 from pvtlab.tasks.classification import (
     ClassificationTask,
     _make_mixup,
@@ -45,7 +43,12 @@ def tiny_task(**overrides: Any) -> ClassificationTask:
         img_size=SIZE,
     )
     description = {
-        "backbone": {"name": "pvt_tiny", "kwargs": {"img_size": SIZE}},
+        "backbone": {
+            "_target_": "pvtlab.models.create_backbone",
+            "_partial_": True,
+            "name": "pvt_tiny",
+            "img_size": SIZE,
+        },
         "head": {},
         "num_classes": NUM_CLASSES,
     }
@@ -254,7 +257,8 @@ def _runnable(cfg: DictConfig) -> DictConfig:
 def test_imagenet_recipe_is_the_paper_recipe(make_config: Callable[..., DictConfig]) -> None:
     cfg = _config(make_config, "data=imagenet")
     task, data = cfg.task, cfg.data
-    assert cfg.trainer.max_epochs == 300 and data.batch_size == 128 and data.image_size == 224
+    assert cfg.trainer.max_epochs == 300 and data.loader.batch_size == 128
+    assert data.transforms.image_size == 224
     assert task.optimizer.name == "adamw" and task.optimizer.lr == 5e-4
     assert task.optimizer.weight_decay == 0.05 and task.lr_base_batch_size == 512
     # At the paper's global batch of 1024 the lr is 1e-3: warm-up from 1e-6, floor 1e-5.
@@ -264,9 +268,10 @@ def test_imagenet_recipe_is_the_paper_recipe(make_config: Callable[..., DictConf
     assert task.scheduler.name == "cosine" and task.scheduler.warmup_epochs == 5
     assert (task.mixup.mixup_alpha, task.mixup.cutmix_alpha) == (0.8, 1.0)
     assert task.mixup.label_smoothing == 0.1
-    assert data.train_transform.auto_augment == "rand-m9-mstd0.5-inc1"
-    assert data.train_transform.re_prob == 0.25 and data.train_transform.interpolation == "bicubic"
-    assert data.repeated_aug == 3 and data.eval_transform.crop_pct == 0.875
+    assert data.transforms.train.auto_augment == "rand-m9-mstd0.5-inc1"
+    assert data.transforms.train.re_prob == 0.25
+    assert data.transforms.train.interpolation == "bicubic"
+    assert data.repeated_aug == 3 and data.transforms.eval.crop_pct == 0.875
     assert cfg.backbone.drop_path_rate == 0.1 and cfg.trainer.gradient_clip_val is None
 
 
@@ -279,33 +284,6 @@ def test_medium_and_large_clip_and_drop_more(make_config: Callable[..., DictConf
 # --------------------------------------------------------------------------- evaluation
 
 
-def test_explicit_attention_max_scores_reaches_the_model(
-    make_config: Callable[..., DictConfig],
-) -> None:
-    """bf16 on the CPU: the default runs PVT-Tiny's small attention calls as explicit products;
-    `explicit_attention_max_scores=0` (least memory) sends every call to SDPA."""
-    calls = {}
-    try:
-        for limit in ("null", "0"):
-            cfg = _config(
-                make_config,
-                f"explicit_attention_max_scores={limit}",
-                "trainer.precision=bf16-mixed",
-                "+trainer.limit_val_batches=1",
-                "data.num_workers=0",
-                config_name="eval",
-            )
-            sdpa = mock.patch.object(
-                F, "scaled_dot_product_attention", wraps=F.scaled_dot_product_attention
-            )
-            with sdpa as counted:
-                pipeline.evaluate(_runnable(cfg))
-            calls[limit] = counted.call_count
-    finally:
-        set_explicit_attention_limit(None)  # the process-wide setting back to pvtlab's own
-    assert calls["null"] == 0 and calls["0"] > 0
-
-
 def test_evaluate_a_checkpoint(make_config: Callable[..., DictConfig], tmp_path: Path) -> None:
     """Train two steps on shapes, then score the last checkpoint as `src/eval.py` does."""
     train_cfg = _config(
@@ -314,7 +292,7 @@ def test_evaluate_a_checkpoint(make_config: Callable[..., DictConfig], tmp_path:
         "+trainer.limit_val_batches=2",
         "+trainer.limit_test_batches=1",
         "trainer.num_sanity_val_steps=0",
-        "data.num_workers=0",
+        "data.loader.num_workers=0",
     )
     pipeline.train(_runnable(train_cfg))
     ckpt = Path(train_cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
@@ -323,7 +301,7 @@ def test_evaluate_a_checkpoint(make_config: Callable[..., DictConfig], tmp_path:
         make_config,
         f"ckpt_path={ckpt}",
         "+trainer.limit_val_batches=2",
-        "data.num_workers=0",
+        "data.loader.num_workers=0",
         config_name="eval",
     )
     metrics = pipeline.evaluate(_runnable(eval_cfg))
@@ -383,8 +361,8 @@ def test_eval_of_a_released_file_on_an_image_folder_matches_the_release(
             "data=imagenet",
             f"data.root={root}",
             f"data.num_classes={NUM_CLASSES}",
-            "data.image_size=64",
-            "data.num_workers=0",
+            "data.transforms.image_size=64",
+            "data.loader.num_workers=0",
             config_name="eval",
         )
     )

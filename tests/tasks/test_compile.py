@@ -51,7 +51,7 @@ def test_a_network_without_a_backbone_is_named() -> None:
 
 
 def test_compiled_classifier_gives_the_eager_logits() -> None:
-    cfg = compose_config(["backbone=pvt_tiny", "backbone.kwargs.img_size=32"])
+    cfg = compose_config(["backbone=pvt_tiny", "backbone.img_size=32"])
     model = build_model(cfg.backbone, cfg.head, num_classes=8).eval()
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -95,7 +95,7 @@ def test_frozen_weight_compilation_runs_onednn_linears_with_gelu_inside() -> Non
     """What `src/eval.py compile=true` runs under bf16 autocast: the weights prepacked as
     constants, every linear layer a oneDNN call (GELU fused into the MLP's first), and the same
     logits as eager within bf16's precision."""
-    cfg = compose_config(["backbone=pvt_tiny", "backbone.kwargs.img_size=64"])
+    cfg = compose_config(["backbone=pvt_tiny", "backbone.img_size=64"])
     torch.manual_seed(0)
     model = build_model(cfg.backbone, cfg.head, num_classes=8).eval()
     images = torch.randn(2, 3, 64, 64)

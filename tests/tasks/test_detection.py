@@ -51,12 +51,13 @@ def test_coco_recipe_1x_and_3x_multiscale(make_config) -> None:
         "warmup_steps": 500,
         "warmup_factor": 1e-3,
     }
-    assert list(one.data.train_short_side) == [800] and one.data.max_size == 1333
+    assert list(one.data.transforms.train_short_side) == [800]
+    assert one.data.transforms.max_size == 1333
     three = make_config(["task=detection", "data=coco", "recipe.schedule=3x"])
     assert three.trainer.max_epochs == 36
     assert list(three.task.scheduler.milestones) == [27, 33]
-    assert list(three.data.train_short_side) == [640, 800]
-    assert three.data.train_short_side_mode == "range"
+    assert list(three.data.transforms.train_short_side) == [640, 800]
+    assert three.data.transforms.train_short_side_mode == "range"
 
 
 def test_detr_coco_recipe_is_the_released_50_epoch_schedule(make_config) -> None:
@@ -66,9 +67,10 @@ def test_detr_coco_recipe_is_the_released_50_epoch_schedule(make_config) -> None
     assert scheduler["milestones"] == [33] and scheduler["warmup_steps"] == 0
     assert cfg.trainer.gradient_clip_val == 0.1
     assert cfg.trainer.gradient_clip_algorithm == "norm"
-    assert list(cfg.data.train_short_side) == list(range(640, 801, 32))
-    assert cfg.data.train_short_side_mode == "choice" and cfg.data.flip_prob == 0.5
-    assert cfg.data.max_size == 1333 and cfg.data.test_short_side == 800
+    assert list(cfg.data.transforms.train_short_side) == list(range(640, 801, 32))
+    assert cfg.data.transforms.train_short_side_mode == "choice"
+    assert cfg.data.transforms.flip_prob == 0.5
+    assert cfg.data.transforms.max_size == 1333 and cfg.data.transforms.test_short_side == 800
     optimizer = _resolved(cfg, "task.optimizer")
     assert optimizer["lr"] == 1e-4 and optimizer["weight_decay"] == 1e-4
     assert optimizer["lr_mults"] == {"backbone.": 0.1}
@@ -203,7 +205,11 @@ def _trainer(**kwargs) -> L.Trainer:
 def test_predictions_are_rescaled_mapped_scored_and_written(tmp_path: Path, masks: bool) -> None:
     _tiny_coco(tmp_path / "coco")
     # The val image is resized 48 -> 96 on its shorter side: the oracle answers at that size.
-    data = CocoDataModule(tmp_path / "coco", num_workers=0, test_short_side=96, max_size=1000)
+    data = CocoDataModule(
+        tmp_path / "coco",
+        loader={"num_workers": 0},
+        transforms={"test_short_side": 96, "max_size": 1000},
+    )
     task = DetectionTask(Oracle(masks), predictions_dir=str(tmp_path / "predictions"))
     trainer = _trainer()
     trainer.validate(task, datamodule=data)
@@ -229,11 +235,8 @@ def test_fit_logs_losses_and_coco_metrics_and_saves_plain_checkpoints(
     masks = head == "mask_rcnn"
     data = CocoDataModule(
         tmp_path / "coco",
-        batch_size=2,
-        num_workers=0,
-        train_short_side=[64],
-        test_short_side=64,
-        max_size=128,
+        loader={"batch_size": 2, "num_workers": 0},
+        transforms={"train_short_side": [64], "test_short_side": 64, "max_size": 128},
         with_masks=masks,
     )
     build = build_mask_rcnn if masks else build_retinanet
@@ -282,9 +285,9 @@ def overfit_overrides(scenes: int, epochs: int) -> list[str]:
         f"data.generator.train_images={scenes}",
         "data.generator.val_images=8",
         "data.generator.polarity=any",
-        "+data.val_images=train2017",
-        "+data.val_annotations=annotations/instances_train2017.json",
-        "data.flip_prob=0",
+        "+data.splits.val_images=train2017",
+        "+data.splits.val_annotations=annotations/instances_train2017.json",
+        "data.transforms.flip_prob=0",
         f"trainer.max_epochs={epochs}",
         f"trainer.check_val_every_n_epoch={epochs}",
         "trainer.num_sanity_val_steps=0",

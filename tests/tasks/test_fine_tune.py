@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from pvtlab import pipeline
-from pvtlab.utils.config import ConfigError
+from pvtlab.config import ConfigError
 
 
 def _runnable(cfg: DictConfig) -> DictConfig:

@@ -12,39 +12,15 @@ host. DETR's Hungarian matching does too, with one copy of every decoder layer's
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 
 from pvtlab.pipeline import build_task
-from pvtlab.utils.host_sync import DeviceWaits
 from tests.conftest import compose_config
-
-HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__")
-
-
-@contextmanager
-def intercept_host_reads(
-    monkeypatch: pytest.MonkeyPatch, on_read: Callable[[str], None]
-) -> Iterator[None]:
-    """Call `on_read(name)` before every `Tensor.<name>` of `HOST_READS` in this block."""
-
-    def intercepted(name: str) -> Any:
-        original = getattr(torch.Tensor, name)
-
-        def read(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            on_read(name)
-            return original(self, *args, **kwargs)
-
-        return read
-
-    with monkeypatch.context() as patch:
-        for name in HOST_READS:
-            patch.setattr(torch.Tensor, name, intercepted(name))
-        yield
+from tests.host_sync import DeviceWaits, forbid_host_reads, intercept_host_reads
 
 
 def test_device_waits_sees_value_sized_operators() -> None:
@@ -56,16 +32,6 @@ def test_device_waits_sees_value_sized_operators() -> None:
         values.clamp(min=0).sum()
     assert waits.calls == {"aten.index_put_ with a boolean mask": 1, "aten.nonzero": 1}
     assert waits.total == 2
-
-
-@contextmanager
-def forbid_host_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    def refuse(name: str) -> None:
-        raise AssertionError(f"Tensor.{name} read a value back to the host in a training step")
-
-    with intercept_host_reads(monkeypatch, refuse), DeviceWaits() as waits:
-        yield
-    assert not waits.calls, f"the step would make the host wait for the device: {waits.calls}"
 
 
 def _train_step(task: Any, batch: Any) -> None:
@@ -163,8 +129,8 @@ def test_the_training_loop_reads_the_loss_back_every_log_interval(
     cfg = make_config(
         [
             "data.generator.train_images=192",  # one epoch of 24 batches
-            "data.batch_size=8",
-            "data.num_workers=0",
+            "data.loader.batch_size=8",
+            "data.loader.num_workers=0",
             f"trainer.max_steps={steps}",
             "trainer.max_epochs=-1",
             "trainer.log_every_n_steps=12",

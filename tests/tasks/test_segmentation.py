@@ -208,7 +208,7 @@ def test_ade20k_recipe_picks_the_schedule_of_the_head(
     assert cfg.trainer.max_epochs == -1
     assert cfg.task.optimizer.lr == 1e-4 and cfg.task.optimizer.weight_decay == 1e-4
     assert cfg.task.scheduler.name == "poly" and cfg.task.scheduler.power == 0.9
-    assert list(cfg.data.crop_size) == [512, 512] and cfg.data.num_classes == 150
+    assert list(cfg.data.transforms.crop_size) == [512, 512] and cfg.data.num_classes == 150
 
 
 def test_epoch_schedule_overrides_the_iterations(make_config: Callable[..., DictConfig]) -> None:
@@ -227,10 +227,10 @@ FIT_SMALL_SPLIT = [
     "data.generator.train_images=64",
     "data.generator.val_images=16",
     "data.generator.polarity=any",  # the scenes the floors below were measured on
-    "++data.val_split=training",
-    "data.batch_size=16",
-    "data.ratio_range=[1.0,1.0]",
-    "++data.photometric=false",
+    "++data.splits.val=training",
+    "data.loader.batch_size=16",
+    "data.transforms.ratio_range=[1.0,1.0]",
+    "++data.transforms.photometric=false",
     "trainer.max_epochs=60",
     "trainer.check_val_every_n_epoch=30",
     "logger=none",
@@ -288,6 +288,6 @@ def test_segmentation_starts_from_a_shapes_classification_backbone(
         (key,) = [k for k in state if k.endswith(name)]
         assert torch.equal(state[key], classifier.state_dict()[name]), key
     (pos,) = [k for k in state if k.endswith("pos_embed1")]
-    side = int(cfg.backbone.kwargs.get("img_size", 224)) // 4
+    side = int(cfg.backbone.get("img_size", 224)) // 4
     assert state[pos].shape == (1, side * side, 64)
     assert model(torch.randn(1, 3, 64, 96)).shape == (1, cfg.data.num_classes, 64, 96)

@@ -37,10 +37,10 @@ import io
 import json
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -53,13 +53,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
-from pvtlab.data.detection_transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    eval_transforms,
-    train_transforms,
-)
-from pvtlab.data.loading import LoaderSettings, processes_on_this_node
+from pvtlab.data.config import as_config
+from pvtlab.data.detection_transforms import DetectionTransformConfig
+from pvtlab.data.loading import LoaderConfig, processes_on_this_node
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +63,8 @@ BAD_IMAGE_POLICIES = ("error", "skip")
 EXIF_ORIENTATION = 0x0112
 LAYOUT = (
     "expected COCO layout under data.root: train2017/, val2017/, "
-    "annotations/instances_{train,val}2017.json (each overridable: data.train_images, "
-    "data.train_annotations, data.val_images, data.val_annotations)"
+    "annotations/instances_{train,val}2017.json (each overridable: data.splits.train_images, "
+    "data.splits.train_annotations, data.splits.val_images, data.splits.val_annotations)"
 )
 
 
@@ -339,7 +335,7 @@ class CocoDetection(Dataset):
         if self.bad_images == "error":
             raise FileNotFoundError(
                 f"{len(missing)} image file(s) of {self.annotation_file} are missing, e.g. "
-                f"{', '.join(names)} (image id {missing[0]}). Point data.*_images at the folder "
+                f"{', '.join(names)} (image id {missing[0]}). Point data.splits.*_images at the folder "
                 f"holding them, or set data.bad_images=skip to leave them out; {LAYOUT}"
             )
         self.stats["missing_images_skipped"] = len(missing)
@@ -484,24 +480,42 @@ def collate_detection(
     return [s[0] for s in samples], [s[1] for s in samples]
 
 
+@dataclass(frozen=True)
+class CocoSplits:
+    """The `splits:` group of a COCO-format data config: each split's image folder and instances
+    json, relative to the data set's root unless absolute. The test split defaults to val."""
+
+    train_images: str = "train2017"
+    train_annotations: str = "annotations/instances_train2017.json"
+    val_images: str = "val2017"
+    val_annotations: str = "annotations/instances_val2017.json"
+    test_images: str | None = None
+    test_annotations: str | None = None
+
+    def paths(self, root: Path) -> dict[str, tuple[Path, Path]]:
+        """(image folder, annotation file) of train, val and test under `root`."""
+        return {
+            "train": (root / self.train_images, root / self.train_annotations),
+            "val": (root / self.val_images, root / self.val_annotations),
+            "test": (
+                root / (self.test_images or self.val_images),
+                root / (self.test_annotations or self.val_annotations),
+            ),
+        }
+
+
 class CocoDataModule(L.LightningDataModule):
     """COCO-format train / val / test splits for detection and instance segmentation.
 
     Args:
-        root: data set folder; the paths below are relative to it unless absolute.
-        train_images, train_annotations, val_images, val_annotations: split folders and jsons.
-        test_images, test_annotations: default to the val split.
-        batch_size: training images per device (the paper: 2 per GPU x 8 GPUs).
-        val_batch_size: evaluation images per device (default: batch_size).
-        num_workers, pin_memory, persistent_workers, prefetch_factor: loader settings; None
-            picks the default (`pvtlab.data.loading`).
-        train_short_side, train_short_side_mode, max_size: training scales
-            (see `pvtlab.data.detection_transforms.short_side_choices`).
-        test_short_side: evaluation scale (with the same `max_size` cap).
-        flip_prob: horizontal flip probability in training.
-        with_masks: decode instance masks (Mask R-CNN; the head config sets it).
+        root: data set folder; the split paths are relative to it unless absolute.
+        splits: image folders and jsons of the splits (`CocoSplits`, or a mapping of its fields).
+        loader: batch sizes and loader settings (`pvtlab.data.loading.LoaderConfig`, or a mapping
+            of its fields); the paper: 2 training images per GPU x 8 GPUs.
+        transforms: training and evaluation scales, flip, normalization
+            (`pvtlab.data.detection_transforms.DetectionTransformConfig`, or a mapping).
+        with_masks: decode instance masks (Mask R-CNN; its recipe overlays set it).
         skip_empty, bad_images, min_box_size, check_files: see `CocoDetection`.
-        mean, std: normalization, on the [0, 1] scale.
         kind: the task kind these data serve (must be detection).
         num_classes: the categories the model predicts; checked against the json.
     """
@@ -509,30 +523,14 @@ class CocoDataModule(L.LightningDataModule):
     def __init__(
         self,
         root: str | Path,
-        train_images: str = "train2017",
-        train_annotations: str = "annotations/instances_train2017.json",
-        val_images: str = "val2017",
-        val_annotations: str = "annotations/instances_val2017.json",
-        test_images: str | None = None,
-        test_annotations: str | None = None,
-        batch_size: int = 2,
-        val_batch_size: int | None = None,
-        num_workers: int | None = None,
-        train_short_side: Sequence[int] = (800,),
-        train_short_side_mode: str = "choice",
-        max_size: int | None = 1333,
-        test_short_side: int = 800,
-        flip_prob: float = 0.5,
+        splits: CocoSplits | Mapping[str, Any] | None = None,
+        loader: LoaderConfig | Mapping[str, Any] | None = None,
+        transforms: DetectionTransformConfig | Mapping[str, Any] | None = None,
         with_masks: bool = False,
         skip_empty: bool = True,
-        bad_images: str = "error",
+        bad_images: Literal["error", "skip"] = "error",
         min_box_size: float = 1.0,
         check_files: bool = True,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-        pin_memory: bool | None = None,
-        persistent_workers: bool = True,
-        prefetch_factor: int | None = 2,
         kind: str = "detection",
         num_classes: int | None = None,
     ) -> None:
@@ -541,21 +539,13 @@ class CocoDataModule(L.LightningDataModule):
             raise ValueError(f"CocoDataModule serves task=detection, not kind={kind!r}")
         if bad_images not in BAD_IMAGE_POLICIES:
             raise ValueError(f"data.bad_images={bad_images!r}; choose one of {BAD_IMAGE_POLICIES}")
-        root = Path(root)
-        self.root = root
-        self.paths = {
-            "train": (root / train_images, root / train_annotations),
-            "val": (root / val_images, root / val_annotations),
-            "test": (
-                root / (test_images or val_images),
-                root / (test_annotations or val_annotations),
-            ),
-        }
-        self.batch_size = batch_size
-        self.val_batch_size = val_batch_size or batch_size
-        self.loading = LoaderSettings.resolve(
-            num_workers, pin_memory, persistent_workers, prefetch_factor
-        )
+        self.root = Path(root)
+        self.splits = as_config(splits, CocoSplits(), "data.splits")
+        self.paths = self.splits.paths(self.root)
+        self.loader = as_config(loader, LoaderConfig(), "data.loader")
+        self.batch_size = self.loader.batch_size
+        self.eval_batch_size = self.loader.eval_batch_size or self.loader.batch_size
+        self.loading = self.loader.settings()
         self.num_classes = num_classes
         self.dataset_options = {
             "with_masks": with_masks,
@@ -564,10 +554,9 @@ class CocoDataModule(L.LightningDataModule):
             "min_box_size": min_box_size,
             "check_files": check_files,
         }
-        self.train_transform = train_transforms(
-            train_short_side, train_short_side_mode, max_size, flip_prob, mean, std
-        )
-        self.eval_transform = eval_transforms(test_short_side, max_size, mean, std)
+        self.transforms = as_config(transforms, DetectionTransformConfig(), "data.transforms")
+        self.train_transform = self.transforms.train()
+        self.eval_transform = self.transforms.eval()
         self.datasets: dict[str, CocoDetection] = {}
 
     def split(self, name: str) -> CocoDetection:
@@ -615,10 +604,10 @@ class CocoDataModule(L.LightningDataModule):
         return self._loader("train", True, self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False, self.val_batch_size)
+        return self._loader("val", False, self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False, self.val_batch_size)
+        return self._loader("test", False, self.eval_batch_size)
 
     def predict_dataloader(self) -> DataLoader:
         return self.val_dataloader()

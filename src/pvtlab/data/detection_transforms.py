@@ -1,4 +1,4 @@
-"""Joint image, box and mask transforms of the COCO detection recipes (REFERENCE.md section 3).
+"""Joint image, box and mask transforms of the COCO detection recipes (docs/paper.md section 3).
 
 The data pipeline is the one place where detection images are resized (as in mmdetection):
 training resizes the shorter side to a size drawn from `short_sides` (one value: single scale,
@@ -13,7 +13,8 @@ their batching), so every box a head returns is in the pixels of the image it wa
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -46,8 +47,8 @@ def short_side_choices(sides: Sequence[int], mode: str = "choice") -> list[int]:
 
 class ToNormalizedFloat(v2.Transform):
     """uint8 images to float32 normalized by `mean` and `std` (on the 0-1 scale): `v2.ToDtype`
-    with scaling then `v2.Normalize`, in one pass over the pixels instead of four (the largest
-    cost of the COCO loader after decoding, at 800 x 1333). Boxes and masks pass through."""
+    with scaling then `v2.Normalize`, in one pass over the pixels. Boxes and masks pass
+    through."""
 
     _transformed_types = (tv_tensors.Image,)
 
@@ -82,26 +83,37 @@ def detection_transforms(
     return v2.Compose(steps)
 
 
-def train_transforms(
-    short_sides: Sequence[int] = (800,),
-    mode: str = "choice",
-    max_size: int | None = 1333,
-    flip_prob: float = 0.5,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> v2.Compose:
-    return detection_transforms(
-        short_side_choices(short_sides, mode), max_size, flip_prob, mean, std
-    )
+@dataclass(frozen=True)
+class DetectionTransformConfig:
+    """The `transforms:` group of a COCO-format data config.
 
+    Args:
+        train_short_side: shorter-side sizes of training (see `short_side_choices`).
+        train_short_side_mode: "choice" (one of them) or "range" (any size between them).
+        max_size: cap on the longer side, in training and evaluation (None: no cap).
+        test_short_side: shorter side at evaluation.
+        flip_prob: horizontal-flip probability in training.
+        mean, std: normalization, on the [0, 1] scale.
+    """
 
-def eval_transforms(
-    short_side: int = 800,
-    max_size: int | None = 1333,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> v2.Compose:
-    return detection_transforms([short_side], max_size, 0.0, mean, std)
+    train_short_side: Sequence[int] = (800,)
+    train_short_side_mode: Literal["choice", "range"] = "choice"
+    max_size: int | None = 1333
+    test_short_side: int = 800
+    flip_prob: float = 0.5
+    mean: Sequence[float] = IMAGENET_MEAN
+    std: Sequence[float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        # Checked here, not at the first batch: a bad mode fails when the config is built.
+        short_side_choices(self.train_short_side, self.train_short_side_mode)
+
+    def train(self) -> v2.Compose:
+        sides = short_side_choices(self.train_short_side, self.train_short_side_mode)
+        return detection_transforms(sides, self.max_size, self.flip_prob, self.mean, self.std)
+
+    def eval(self) -> v2.Compose:
+        return detection_transforms([self.test_short_side], self.max_size, 0.0, self.mean, self.std)
 
 
 def pad_images(

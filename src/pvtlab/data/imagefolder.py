@@ -18,16 +18,17 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from pvtlab.data.loading import LoaderSettings, processes_on_this_node
+from pvtlab.data.config import as_config
+from pvtlab.data.loading import LoaderConfig, processes_on_this_node
 from pvtlab.data.samplers import RepeatAugSampler
-from pvtlab.data.transforms import DEFAULT_CROP_PCT, classification_transform
+from pvtlab.data.transforms import ClassificationTransformConfig
 
 log = logging.getLogger(__name__)
 
@@ -158,17 +159,16 @@ class ImageFolderDataModule(L.LightningDataModule):
             be evaluated (classes from val/).
         kind: must be "classification" (every data config names the task kind it serves).
         num_classes: expected number of classes (the head is built for it); None: not checked.
-        image_size: training crop and evaluation size.
-        batch_size: per process, for training.
-        eval_batch_size: per process, for validation and test (default: batch_size).
-        num_workers, pin_memory, persistent_workers, prefetch_factor: loader settings; None
-            picks the default (`pvtlab.data.loading`).
+        loader: batch sizes and loader settings (`pvtlab.data.loading.LoaderConfig`, or a mapping
+            of its fields).
+        transforms: image size and the training / evaluation transforms
+            (`pvtlab.data.transforms.ClassificationTransformConfig`, or a mapping of its fields).
         drop_last: drop the last incomplete training batch (Mixup needs even batches).
         repeated_aug: copies of each image per epoch (DeiT: 3); 1 disables the sampler.
         invalid_files: "error" or "skip" for non-image or unreadable files (module docstring).
-        train_transform: arguments of `classification_transform` for training (beyond size).
-        eval_transform: arguments of `classification_transform` for evaluation.
-        seed: seed of the repeated-augmentation sampler's shuffling.
+        seed: seed of the repeated-augmentation sampler's shuffling; None: the run's seed as
+            `lightning.seed_everything` records it (`PL_GLOBAL_SEED`, the seed Lightning's own
+            distributed sampler takes), else 0.
     """
 
     def __init__(
@@ -176,19 +176,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         root: str | os.PathLike[str],
         kind: str = "classification",
         num_classes: int | None = None,
-        image_size: int = 224,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int | None = None,
-        pin_memory: bool | None = None,
-        persistent_workers: bool = True,
-        prefetch_factor: int | None = 2,
+        loader: LoaderConfig | Mapping[str, Any] | None = None,
+        transforms: ClassificationTransformConfig | Mapping[str, Any] | None = None,
         drop_last: bool = True,
         repeated_aug: int = 1,
-        invalid_files: str = "error",
-        train_transform: Mapping[str, Any] | None = None,
-        eval_transform: Mapping[str, Any] | None = None,
-        seed: int = 0,
+        invalid_files: Literal["error", "skip"] = "error",
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if kind != "classification":
@@ -198,17 +191,15 @@ class ImageFolderDataModule(L.LightningDataModule):
                 f"data.invalid_files={invalid_files!r}; choose one of {INVALID_FILE_POLICIES}"
             )
         self.root = Path(root)
-        self.image_size = int(image_size)
-        self.batch_size = int(batch_size)
-        self.eval_batch_size = int(eval_batch_size or batch_size)
-        self.loading = LoaderSettings.resolve(
-            num_workers, pin_memory, persistent_workers, prefetch_factor
-        )
+        self.loader = as_config(loader, LoaderConfig(batch_size=128), "data.loader")
+        self.batch_size = int(self.loader.batch_size)
+        self.eval_batch_size = int(self.loader.eval_batch_size or self.loader.batch_size)
+        self.loading = self.loader.settings()
+        self.transforms = as_config(transforms, ClassificationTransformConfig(), "data.transforms")
+        self.image_size = int(self.transforms.image_size)
         self.drop_last = drop_last
         self.repeated_aug = int(repeated_aug)
         self.invalid_files = invalid_files
-        self.train_transform_args = dict(train_transform or {})
-        self.eval_transform_args = {"crop_pct": DEFAULT_CROP_PCT, **dict(eval_transform or {})}
         self.seed = seed
         # Layout checks that read only folder names: fail at construction, before any training.
         self.classes = self._check_layout()
@@ -257,8 +248,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         return classes
 
     def transform(self, train: bool) -> Callable:
-        args = self.train_transform_args if train else self.eval_transform_args
-        return classification_transform(train, self.image_size, **args)
+        return self.transforms.build(train)
 
     def dataset(self, split: str) -> ImageFolderDataset:
         """The dataset of `split` (train | val | test), read from disk on first use."""
@@ -304,7 +294,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         if self.repeated_aug > 1:
             world, rank = self._world()
             sampler = RepeatAugSampler(
-                dataset, world, rank, shuffle=True, num_repeats=self.repeated_aug, seed=self.seed
+                dataset,
+                world,
+                rank,
+                shuffle=True,
+                num_repeats=self.repeated_aug,
+                seed=self.sampler_seed(),
             )
             return self._loader(dataset, self.batch_size, sampler=sampler, drop_last=self.drop_last)
         return self._loader(dataset, self.batch_size, shuffle=True, drop_last=self.drop_last)
@@ -314,6 +309,12 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("test"), self.eval_batch_size, shuffle=False)
+
+    def sampler_seed(self) -> int:
+        """The seed of the repeated-augmentation shuffle (see `seed`); the same on every rank."""
+        if self.seed is not None:
+            return int(self.seed)
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def _world(self) -> tuple[int, int]:
         """World size and global rank: from the Trainer when attached, else torch.distributed."""

@@ -1,9 +1,11 @@
-"""DataLoader settings shared by every DataModule: one set of defaults, resolved in one place.
+"""Loader settings shared by every DataModule: the `loader:` group of every data config, and its
+defaults resolved in one place.
 
-Defaults: one worker per usable core but one (the main process trains), at most 8, the cores
-shared among the training processes of a node (DDP / FSDP: one per device); workers kept between
-epochs; two batches prefetched per worker; pinned host memory only where a CUDA device will read
-it (pinning without one only costs time and warns).
+`LoaderConfig` holds what a config says (batch sizes, workers, pinning); `LoaderSettings` is what
+a DataLoader is then built with on this node. Defaults: one worker per usable core but one (the
+main process trains), at most 8, the cores shared among the training processes of a node (DDP /
+FSDP: one per device); workers kept between epochs; two batches prefetched per worker; pinned
+host memory only where a CUDA device will read it (pinning without one only costs time and warns).
 """
 
 from __future__ import annotations
@@ -14,7 +16,42 @@ from typing import Any
 
 import torch
 
-__all__ = ["LoaderSettings", "default_num_workers", "processes_on_this_node"]
+__all__ = ["LoaderConfig", "LoaderSettings", "default_num_workers", "processes_on_this_node"]
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """How a DataModule batches and loads: the `loader:` group of every data config.
+
+    Args:
+        batch_size: training samples per process (one process per device).
+        eval_batch_size: samples per process for validation and test (None: `batch_size`).
+        num_workers: loader workers per process (None: this node's cores shared out, see
+            `default_num_workers`).
+        pin_memory: page-locked host batches (None: when CUDA is available).
+        persistent_workers: keep the workers between epochs (false for exact augmentation
+            streams after a resume).
+        prefetch_factor: batches each worker loads ahead.
+    """
+
+    batch_size: int = 2
+    eval_batch_size: int | None = None
+    num_workers: int | None = None
+    pin_memory: bool | None = None
+    persistent_workers: bool = True
+    prefetch_factor: int | None = 2
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "eval_batch_size"):
+            value = getattr(self, name)
+            if value is not None and int(value) < 1:
+                raise ValueError(f"data.loader.{name}={value} must be >= 1")
+
+    def settings(self) -> LoaderSettings:
+        """The DataLoader keyword arguments these values resolve to in one process."""
+        return LoaderSettings.resolve(
+            self.num_workers, self.pin_memory, self.persistent_workers, self.prefetch_factor
+        )
 
 
 def default_num_workers(processes: int = 1) -> int:
@@ -59,7 +96,9 @@ class LoaderSettings:
         this node; None picks the default described above."""
         workers = default_num_workers(processes) if num_workers is None else int(num_workers)
         if workers < 0:
-            raise ValueError(f"data.num_workers={num_workers} must be >= 0 (or null: automatic)")
+            raise ValueError(
+                f"data.loader.num_workers={num_workers} must be >= 0 (or null: automatic)"
+            )
         return cls(
             num_workers=workers,
             pin_memory=(pin_memory is None or bool(pin_memory)) and torch.cuda.is_available(),

@@ -12,7 +12,8 @@ Label maps are single-channel PNGs of the image's size. With `reduce_zero_label`
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,9 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from pvtlab.data.loading import LoaderSettings, processes_on_this_node
-from pvtlab.data.segmentation_transforms import EvalTransform, TrainTransform, padded_size
+from pvtlab.data.config import as_config
+from pvtlab.data.loading import LoaderConfig, processes_on_this_node
+from pvtlab.data.segmentation_transforms import SegmentationTransformConfig, padded_size
 
 ADE20K_CLASSES = (
     "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
@@ -211,6 +213,16 @@ def collate_segmentation(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class SegmentationSplits:
+    """The `splits:` group of a segmentation data config: the folder name of each split under
+    `images/` and `annotations/`. The test split defaults to val."""
+
+    train: str = "training"
+    val: str = "validation"
+    test: str | None = None
+
+
 class ADE20KDataModule(L.LightningDataModule):
     """Train / val / test loaders over an ADE20K-layout folder (`data=ade20k data.root=...`).
 
@@ -221,13 +233,13 @@ class ADE20KDataModule(L.LightningDataModule):
         class_names: names for the per-class table. Default: the `classes` list of
             `<root>/manifest.json` when it has `num_classes` entries (the shapes generator writes
             one), ADE20K's names for 150 classes, else `class_<i>`.
-        batch_size: training images per device; `val_batch_size` for evaluation (images of one
-            batch are padded to the largest, so 1 wastes no compute).
-        crop_size, scale, ratio_range, cat_max_ratio, flip_prob, photometric: the training pipeline.
-        test_scale: keep-ratio resize at evaluation (default `scale`: shorter side 512).
-        train_split, val_split, test_split: folder names; no test split -> the val split.
-        num_workers, pin_memory, persistent_workers, prefetch_factor: loader settings; None
-            picks the default (`pvtlab.data.loading`).
+        splits: folder names of the splits (`SegmentationSplits`, or a mapping of its fields).
+        loader: batch sizes and loader settings (`pvtlab.data.loading.LoaderConfig`, or a mapping
+            of its fields). Images of one evaluation batch are padded to the largest, so an
+            `eval_batch_size` of 1 wastes no compute.
+        transforms: the training pipeline and the evaluation resize
+            (`pvtlab.data.segmentation_transforms.SegmentationTransformConfig`, or a mapping).
+        reduce_zero_label, ignore_index: see `SegmentationFolder`.
     """
 
     def __init__(
@@ -236,24 +248,11 @@ class ADE20KDataModule(L.LightningDataModule):
         kind: str = "segmentation",
         num_classes: int = 150,
         class_names: Sequence[str] | None = None,
-        batch_size: int = 2,
-        val_batch_size: int = 1,
-        num_workers: int | None = None,
-        crop_size: Sequence[int] = (512, 512),
-        scale: Sequence[int] = (2048, 512),
-        ratio_range: Sequence[float] = (0.5, 2.0),
-        cat_max_ratio: float = 0.75,
-        flip_prob: float = 0.5,
-        photometric: bool = True,
-        test_scale: Sequence[int] | None = None,
+        splits: SegmentationSplits | Mapping[str, Any] | None = None,
+        loader: LoaderConfig | Mapping[str, Any] | None = None,
+        transforms: SegmentationTransformConfig | Mapping[str, Any] | None = None,
         reduce_zero_label: bool = True,
         ignore_index: int = 255,
-        train_split: str = "training",
-        val_split: str = "validation",
-        test_split: str | None = None,
-        pin_memory: bool | None = None,
-        persistent_workers: bool = True,
-        prefetch_factor: int | None = 2,
     ) -> None:
         super().__init__()
         if kind != "segmentation":
@@ -271,18 +270,21 @@ class ADE20KDataModule(L.LightningDataModule):
             )
         self.num_classes = int(num_classes)
         self.class_names = tuple(class_names or default_class_names(self.root, self.num_classes))
-        self.batch_size = batch_size
-        self.val_batch_size = val_batch_size
-        self.loading = LoaderSettings.resolve(
-            num_workers, pin_memory, persistent_workers, prefetch_factor
-        )
+        self.loader = as_config(loader, LoaderConfig(eval_batch_size=1), "data.loader")
+        self.batch_size = self.loader.batch_size
+        self.eval_batch_size = self.loader.eval_batch_size or self.loader.batch_size
+        self.loading = self.loader.settings()
         self.reduce_zero_label = reduce_zero_label
         self.ignore_index = ignore_index
-        self.splits = {"train": train_split, "val": val_split, "test": test_split or val_split}
-        self.train_transform = TrainTransform(
-            crop_size, scale, ratio_range, cat_max_ratio, flip_prob, photometric, ignore_index
-        )
-        self.test_transform = EvalTransform(test_scale or scale)
+        folders = as_config(splits, SegmentationSplits(), "data.splits")
+        self.splits = {
+            "train": folders.train,
+            "val": folders.val,
+            "test": folders.test or folders.val,
+        }
+        self.transforms = as_config(transforms, SegmentationTransformConfig(), "data.transforms")
+        self.train_transform = self.transforms.train(ignore_index)
+        self.test_transform = self.transforms.eval()
         self.datasets: dict[str, SegmentationFolder] = {}
 
     def dataset(self, stage: str) -> SegmentationFolder:
@@ -323,10 +325,10 @@ class ADE20KDataModule(L.LightningDataModule):
         return self._loader("train", self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.val_batch_size, shuffle=False)
+        return self._loader("val", self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.val_batch_size, shuffle=False)
+        return self._loader("test", self.eval_batch_size, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", self.val_batch_size, shuffle=False)
+        return self._loader("test", self.eval_batch_size, shuffle=False)

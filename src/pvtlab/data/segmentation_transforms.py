@@ -1,4 +1,4 @@
-"""Joint image + label-map transforms of the ADE20K recipe (REFERENCE.md section 3).
+"""Joint image + label-map transforms of the ADE20K recipe (docs/paper.md section 3).
 
 Training: ratio resize of scale (2048, 512) x U(0.5, 2.0), random 512 x 512 crop in which one class
 covers at most 75% of the labelled pixels, horizontal flip, photometric distortion, normalize, pad
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -127,7 +128,7 @@ _HUE_CHANNEL_OFFSETS = (5.0, 3.0, 1.0)
 def shift_hue(image: Tensor, shift: float) -> Tensor:
     """`image` (float RGB, ``[..., 3, H, W]``, any non-negative range) with its HSV hue turned by
     `shift` of the colour circle: torchvision's `adjust_hue` to float rounding, without building
-    the HSV image (about 2.5x faster on a 512 x 512 image). Value and saturation stay."""
+    the HSV image. Value and saturation stay."""
     r, g, b = image.unbind(-3)
     top = image.amax(-3)  # HSV value
     chroma = top - image.amin(-3)  # value x saturation
@@ -245,6 +246,44 @@ class EvalTransform:
     def __call__(self, image: Tensor, label: Tensor) -> tuple[Tensor, Tensor]:
         image, _ = resize_pair(image, None, keep_ratio_size(*image.shape[-2:], self.scale))
         return normalize(image, self.mean, self.std), label.long()
+
+
+@dataclass(frozen=True)
+class SegmentationTransformConfig:
+    """The `transforms:` group of a segmentation data config.
+
+    Args:
+        crop_size: (height, width) of the training crops.
+        scale: keep-ratio resize target (long side, short side) before the random ratio.
+        ratio_range: (min, max) factor drawn for `scale` in training.
+        cat_max_ratio: largest share of a crop's labelled pixels one class may cover.
+        flip_prob: horizontal-flip probability in training.
+        photometric: mmseg's photometric distortion in training.
+        test_scale: keep-ratio resize at evaluation (None: `scale`).
+    """
+
+    crop_size: Sequence[int] = (512, 512)
+    scale: Sequence[int] = (2048, 512)
+    ratio_range: Sequence[float] = (0.5, 2.0)
+    cat_max_ratio: float = 0.75
+    flip_prob: float = 0.5
+    photometric: bool = True
+    test_scale: Sequence[int] | None = None
+
+    def train(self, ignore_index: int = 255) -> TrainTransform:
+        """The training pipeline; crops are padded with `ignore_index` in the label map."""
+        return TrainTransform(
+            self.crop_size,
+            self.scale,
+            self.ratio_range,
+            self.cat_max_ratio,
+            self.flip_prob,
+            self.photometric,
+            ignore_index,
+        )
+
+    def eval(self) -> EvalTransform:
+        return EvalTransform(self.test_scale or self.scale)
 
 
 def padded_size(sizes: Sequence[Sequence[int]], divisor: int = 1) -> tuple[int, int]:

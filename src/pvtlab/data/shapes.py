@@ -764,7 +764,8 @@ def shapes_datamodule(
 
     classification -> `pvtlab.data.imagefolder.ImageFolderDataModule`, detection ->
     `pvtlab.data.coco.CocoDataModule`, segmentation -> `pvtlab.data.segmentation.ADE20KDataModule`,
-    each called with ``root=<the folder of that kind>`` and `datamodule_kwargs`.
+    each called with ``root=<the folder of that kind>`` and `datamodule_kwargs`: its `loader`
+    and `transforms` groups and its own flags (recipe/shapes_<kind>.yaml sets them).
     """
     _check_kind(kind)
     folder = ensure_shapes(root, kind, **dict(generator or {}))

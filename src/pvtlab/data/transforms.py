@@ -4,17 +4,17 @@ Training: RandomResizedCrop (bicubic), horizontal flip, RandAugment, normalisati
 erasing. Evaluation: resize the shorter side to ``image_size / crop_pct`` (256 for 224 at the
 default 0.875), centre crop, normalise. Mixup / CutMix act on whole batches and live in the task.
 
-timm builds both, with two steps swapped for faster ones that draw the same random numbers:
-the training crop is resampled by torch's vectorised uint8 kernel instead of Pillow's (half
-the time of the recipe's slowest step), and in both, tensor conversion and normalisation are
-one pass over the pixels. The evaluation resize stays Pillow's, the protocol the released
+timm builds both, with two steps swapped for ones that draw the same random numbers: the
+training crop is resampled by torch's vectorised uint8 kernel instead of Pillow's, and in both,
+tensor conversion and normalisation are one pass over the pixels. The evaluation resize stays Pillow's, the protocol the released
 weights were scored with.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,14 +45,10 @@ def normalize_pixels(
 class RandomResizedCropUint8(RandomResizedCropAndInterpolation):
     """timm's RandomResizedCropAndInterpolation (the same crop boxes from the same random
     numbers), resampled on the uint8 pixels by torch's antialiased bilinear or bicubic kernel,
-    which is vectorised on x86 CPUs: 2x faster than Pillow on the ImageNet recipe's 500 px
-    images. The pixels differ from Pillow's by rounding (on the benchmark's 500 px shapes
-    images, 3% of them by 1-6 levels, at the shapes' sharp edges). Pillow still resamples crops
-    under `TORCH_MIN_PIXELS` (there torch's fixed cost per call outweighs its speed), other
-    filters, and images that are not RGB."""
+    which is vectorised. The pixels differ from Pillow's by rounding, at most a few levels at
+    sharp edges. Pillow still resamples small crops (under `TORCH_MIN_PIXELS`, where torch's
+    fixed cost per call outweighs its kernel), other filters, and images that are not RGB."""
 
-    # Crop area from which torch's kernel wins (about 128 x 128: on 2 cores, 1 thread, a 64 px
-    # image's crop took 137 us against Pillow's 85, a 128 px image's 171-241 against 214-252).
     TORCH_MIN_PIXELS = 128 * 128
 
     def __call__(self, image: Image.Image) -> Image.Image:
@@ -151,6 +147,27 @@ def classification_transform(
     _posterize_zero_bits_to_black(transform)
     _use_faster_pixel_steps(transform.transforms, mean, std)
     return transform
+
+
+@dataclass(frozen=True)
+class ClassificationTransformConfig:
+    """The `transforms:` group of an image-folder data config.
+
+    Args:
+        image_size: training crop and evaluation size.
+        train: keyword arguments of `classification_transform` for training.
+        eval: keyword arguments of `classification_transform` for evaluation.
+    """
+
+    image_size: int = 224
+    train: Mapping[str, Any] = field(default_factory=dict)
+    eval: Mapping[str, Any] = field(default_factory=dict)
+
+    def build(self, train: bool) -> Callable:
+        """The training (`train=True`) or evaluation transform."""
+        return classification_transform(
+            train, self.image_size, **(self.train if train else self.eval)
+        )
 
 
 def _use_faster_pixel_steps(steps: list[Any], mean: Sequence[float], std: Sequence[float]) -> None:

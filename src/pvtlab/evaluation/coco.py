@@ -6,10 +6,8 @@ set's own category ids, encoded as the COCO results format, gathered from every 
 scored on rank 0 and the scores broadcast back, so every process logs the same numbers.
 
 Scoring runs faster-coco-eval's C++ COCOeval on the pycocotools index's ground truth: the same
-figures as pycocotools' Python COCOeval (tests/evaluation/test_coco_eval.py compares them), in
-a seventh to a twelfth of the time on boxes, a third on masks (`python src/bench.py
-suites=[detectors]`, COCO evaluation table), where a COCO validation would otherwise keep every
-GPU waiting on rank 0's Python loops over images and categories.
+figures as pycocotools' Python COCOeval (tests/evaluation/test_coco_eval.py compares them),
+without rank 0's Python loops over images and categories keeping every GPU waiting.
 """
 
 from __future__ import annotations

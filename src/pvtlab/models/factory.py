@@ -1,7 +1,8 @@
-"""`create_backbone`: the one way tasks build a backbone, PVT or baseline."""
+"""`create_backbone`: the one way heads build a backbone, PVT or baseline."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from os import PathLike
 from typing import Any
 
@@ -18,7 +19,7 @@ from pvtlab.models.baselines import (
 from pvtlab.models.checkpoint import FilterFn, load_checkpoint, unwrap_model
 from pvtlab.models.pvt import checkpoint_filter_fn as pvt_checkpoint_filter_fn
 
-__all__ = ["BACKBONES", "backbone_family", "create_backbone"]
+__all__ = ["BACKBONES", "BackboneFactory", "backbone_family", "create_backbone", "pyramid_backbone"]
 
 PVT_BACKBONES = ("pvt_tiny", "pvt_small", "pvt_medium", "pvt_large", "pvt_small_wide")
 BACKBONES: tuple[str, ...] = PVT_BACKBONES + tuple(CNN_BACKBONES) + VIT_BACKBONES
@@ -35,6 +36,10 @@ def backbone_family(name: str) -> str:
     raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
 
 
+# A backbone config instantiated: `functools.partial(create_backbone, name, ...)`, completed by
+# the head with `features_only` (and `num_classes` for the classifier).
+BackboneFactory = Callable[..., nn.Module]
+
 _FILTERS: dict[str, FilterFn | None] = {
     "pvt": pvt_checkpoint_filter_fn,
     "cnn": None,
@@ -49,6 +54,7 @@ def create_backbone(
     num_classes: int = 1000,
     pretrained: str | PathLike[str] | None = None,
     drop_path_rate: float | None = None,
+    img_size: int | None = None,
     out_indices: tuple[int, ...] = (0, 1, 2, 3),
     channels_last: bool = False,
     **kwargs: Any,
@@ -66,16 +72,20 @@ def create_backbone(
             out on purpose: class token / final norm / head / unused stages for `features_only`,
             and a head of another size (re-initialised). Raises ``CheckpointError`` otherwise.
         drop_path_rate: stochastic-depth rate; None keeps the model's default (0).
+        img_size: the training resolution at which PVT stores its position embeddings (other
+            sizes are resized to); None: the model's default, 224. Backbones without a stored
+            grid (the CNNs, and the columnar ViT, which resizes per input) ignore it.
         out_indices: pyramid levels to return with `features_only`.
         channels_last: keep the weights in NHWC memory order, which makes PyTorch run every
-            convolution channels-last (the CNN baselines' configs set it: ~1.3x a ResNet50
-            training step at 224 on CPU, experiments/benchmarks/training.md).
+            convolution channels-last (the CNN baselines' configs set it).
         kwargs: further ``timm.create_model`` arguments.
     """
     family = backbone_family(name)
     model_kwargs = dict(kwargs)
     if drop_path_rate is not None:
         model_kwargs["drop_path_rate"] = float(drop_path_rate)
+    if img_size is not None and family == "pvt":
+        model_kwargs["img_size"] = img_size
 
     if features_only:
         model = timm.create_model(
@@ -98,3 +108,9 @@ def create_backbone(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def pyramid_backbone(backbone: nn.Module | BackboneFactory) -> nn.Module:
+    """The pyramid feature model a dense head runs on: `backbone` itself when it is already
+    built, else what the factory builds with ``features_only=True``."""
+    return backbone if isinstance(backbone, nn.Module) else backbone(features_only=True)

@@ -21,9 +21,8 @@ Where this implementation departs from the release, on purpose:
 * Position embeddings are resized bilinearly (``align_corners=False``) to each stage's own grid;
   stage 4's class-token slot is kept apart. The release compared every stage against stage 1's
   token count and crashed at 448 and 896.
-* Attention runs through ``F.scaled_dot_product_attention``, except on the CPU in bf16 up to a
-  limit of scores a call, where the explicit product is faster (`pvtlab.models.attention`);
-  ``fused_attn=False`` selects the explicit-softmax path (the release's arithmetic) everywhere.
+* Attention runs through ``F.scaled_dot_product_attention``; ``fused_attn=False`` writes out
+  ``softmax(q k^T * scale) v`` instead, the release's arithmetic.
 * Feature extraction (``features_only=True`` or ``prune_intermediate_layers``) removes the class
   token, the final norm and the head (the dense-prediction models take the four stage maps
   without them, and the release's detectors load its checkpoints ignoring those keys): stage 4
@@ -54,7 +53,6 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from pvtlab.models.attention import attention
 from pvtlab.models.checkpoint import extract_state_dict, load_checkpoint, validated_state_dict
 
 __all__ = [
@@ -129,6 +127,7 @@ class SpatialReductionAttention(nn.Module):
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
         self.sr_ratio = sr_ratio
         self.fused_attn = fused_attn
 
@@ -158,7 +157,13 @@ class SpatialReductionAttention(nn.Module):
         kv = self.kv(kv_in).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)
 
-        x = attention(q, k, v, self.attn_drop.p if self.training else 0.0, fused=self.fused_attn)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0
+            )
+        else:
+            attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
+            x = self.attn_drop(attn) @ v
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
 
@@ -243,8 +248,8 @@ class PyramidVisionTransformer(nn.Module):
             pos_drop_rate / proj_drop_rate / attn_drop_rate: dropout after the position
                 embedding, after the attention / MLP projections, on the attention weights.
             drop_path_rate: stochastic depth, ramped linearly from 0 over all blocks.
-            fused_attn: ``F.scaled_dot_product_attention`` if True (the explicit product where
-                it is faster, `pvtlab.models.attention`), explicit softmax if False.
+            fused_attn: ``F.scaled_dot_product_attention`` if True, the written-out softmax
+                product (the release's arithmetic) if False.
         """
         super().__init__()
         num_stages = len(depths)
@@ -333,16 +338,6 @@ class PyramidVisionTransformer(nn.Module):
 
     # ----------------------------------------------------------------------------------------
     # timm model interface
-
-    @property
-    def fused_attn(self) -> bool:
-        return all(m.fused_attn for m in self.modules() if isinstance(m, SpatialReductionAttention))
-
-    @fused_attn.setter
-    def fused_attn(self, enable: bool) -> None:
-        for m in self.modules():
-            if isinstance(m, SpatialReductionAttention):
-                m.fused_attn = enable
 
     @property
     def num_prefix_tokens(self) -> int:

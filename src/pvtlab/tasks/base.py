@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -14,7 +14,6 @@ from torch import nn
 
 from pvtlab.models.heads import static_shape_parts
 from pvtlab.tasks.optim import ScheduleSpec, build_optimizer, build_scheduler
-from pvtlab.utils.numerics import scales_the_loss
 
 # Inductor settings for a model whose weights no longer change (evaluation, never training):
 # the weights become constants ("freezing"), prepacked for oneDNN, whose linear layers then run
@@ -41,7 +40,14 @@ class TaskModule(L.LightningModule):
             checkpoint so that `pvtlab.pipeline.load_task` can rebuild it without the run's config.
         optimizer: keyword arguments of `pvtlab.tasks.optim.build_optimizer`.
         scheduler: fields of `pvtlab.tasks.optim.ScheduleSpec`.
+
+    Each task names its kind of prediction and the validation metric that chooses its best
+    checkpoint (`monitor`, higher or lower is better by `monitor_mode`).
     """
+
+    kind: ClassVar[str]
+    monitor: ClassVar[str]
+    monitor_mode: ClassVar[str] = "max"
 
     def __init__(
         self,
@@ -82,8 +88,7 @@ class TaskModule(L.LightningModule):
 
         Lightning refuses any fused optimizer under mixed precision, for fp16's sake (see
         `configure_optimizers`). bf16 scales nothing, so its gradients are final after the
-        backward and clip as in fp32, which keeps the fused step (and the non-finite-loss
-        guard's device-side skip) for DETR's bf16 recipe."""
+        backward and clip as in fp32, which keeps the fused step for DETR's bf16 recipe."""
         plugin = self.trainer.precision_plugin
         if isinstance(plugin, MixedPrecision) and not scales_the_loss(self.trainer):
             Precision.clip_gradients(
@@ -101,6 +106,12 @@ class TaskModule(L.LightningModule):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+
+def scales_the_loss(trainer: L.Trainer) -> bool:
+    """Whether a trainer's precision scales the loss (fp16's gradient scaler): its gradients
+    are unscaled only in the optimizer step, after gradient clipping would run."""
+    return getattr(trainer.precision_plugin, "scaler", None) is not None
 
 
 def backbone_of(model: nn.Module) -> nn.Module:

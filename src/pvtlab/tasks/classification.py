@@ -1,4 +1,4 @@
-"""Image classification with the DeiT recipe (PVT's ImageNet pre-training, REFERENCE.md section 2).
+"""Image classification with the DeiT recipe (PVT's ImageNet pre-training, docs/paper.md section 2).
 
 The model is the backbone's own classifier (a timm model, unwrapped), so ``self.model``'s state
 dict is exactly what `backbone.pretrained=` reads: `export_backbone` writes it to a file.
@@ -51,6 +51,9 @@ class ClassificationTask(TaskModule):
             ``<run>/backbone.pth`` at the end of fitting.
         top_k: the k of the second accuracy (`acc5`); capped at the number of classes.
     """
+
+    kind = "classification"
+    monitor = "val/acc1"
 
     def __init__(
         self,

@@ -1,6 +1,6 @@
 """Object detection and instance segmentation: any pvtlab detection head, scored by COCOeval.
 
-A head (RetinaNet, Mask R-CNN, DETR, ...) follows one interface (DESIGN.md): in training
+A head (RetinaNet, Mask R-CNN, DETR, ...) follows one interface (docs/design.md): in training
 `model(images, targets)` returns a dict of losses, summed here into `train/loss`; in evaluation
 `model(images)` returns per image `{boxes, scores, labels[, masks]}`, boxes xyxy in the pixels of
 the image given, labels 0-based. Evaluation rescales them to the original images, maps labels
@@ -41,6 +41,9 @@ class DetectionTask(TaskModule):
     `categories.category_ids` (the category id of each label), as
     `pvtlab.data.coco.CocoDetection` does.
     """
+
+    kind = "detection"
+    monitor = "val/mAP"
 
     def __init__(
         self,

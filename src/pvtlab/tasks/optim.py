@@ -74,9 +74,7 @@ def build_optimizer(
     """AdamW or SGD over `param_groups(model, ...)`.
 
     `fused`: one kernel updates every parameter (CPU and GPU). Off, the multi-tensor (foreach)
-    path is used. torch's own CPU default, a Python loop over parameters, measured 2.5x slower
-    than the fused step for PVT-Tiny and PVT-Small on 2 cores (`optimizer_step_paths` in
-    pvtlab.bench.training).
+    path is used.
     """
     groups = param_groups(model, lr, weight_decay, lr_mults, no_weight_decay)
     implementation = {"fused": True} if fused else {"foreach": True}

@@ -83,6 +83,9 @@ class SegmentationTask(TaskModule):
         inference: `InferenceSpec` fields (mode, crop_size, stride, scales, flip).
     """
 
+    kind = "segmentation"
+    monitor = "val/mIoU"
+
     def __init__(
         self,
         model: nn.Module,

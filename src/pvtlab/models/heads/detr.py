@@ -15,9 +15,9 @@ position encoding (coordinates normalised to each image's own extent) and is the
 of the encoder's self-attention and the decoder's cross-attention, so padding never reaches a
 prediction through the transformer. (The backbone itself sees the padded image, as in DETR.)
 
-Interface of every pvtlab detection head (DESIGN.md): `model(images, targets)` in training returns
-a dict of weighted losses; `model(images)` in evaluation returns per image `{boxes, scores,
-labels}`, boxes xyxy in the pixels of that image, labels 0-based.
+Interface of every pvtlab detection head (docs/design.md): `model(images, targets)` in training
+returns a dict of weighted losses; `model(images)` in evaluation returns per image `{boxes,
+scores, labels}`, boxes xyxy in the pixels of that image, labels 0-based.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert
 
 from pvtlab.data.detection_transforms import pad_images
-from pvtlab.models.attention import attention
+from pvtlab.models.factory import BackboneFactory, pyramid_backbone
 from pvtlab.models.heads.detr_criterion import SetCriterion
 from pvtlab.models.heads.detr_matcher import HungarianMatcher
-from pvtlab.utils.transfer import to_device_without_waiting
+from pvtlab.models.heads.transfer import to_device_without_waiting
 
 
 class PositionEmbeddingSine(nn.Module):
@@ -72,8 +72,7 @@ class PositionEmbeddingSine(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with a key padding mask, through `pvtlab.models.attention.attention`
-    (SDPA, or the explicit product where that is faster)."""
+    """Multi-head attention with a key padding mask (`F.scaled_dot_product_attention`)."""
 
     def __init__(self, dim: int, num_heads: int, dropout: float = 0.0) -> None:
         super().__init__()
@@ -97,7 +96,7 @@ class Attention(nn.Module):
         batch, length, dim = query.shape
         # SDPA's boolean mask marks the keys that take part.
         attend = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
-        out = attention(
+        out = F.scaled_dot_product_attention(
             self._heads(self.q(query)),
             self._heads(self.k(key)),
             self._heads(self.v(value)),
@@ -331,7 +330,7 @@ def postprocess(logits: Tensor, boxes: Tensor, sizes: Tensor) -> list[dict[str, 
 
 
 def build_detr(
-    backbone: nn.Module,
+    backbone: nn.Module | BackboneFactory,
     num_classes: int,
     in_stage: int = 3,
     hidden_dim: int = 256,
@@ -351,12 +350,13 @@ def build_detr(
     """DETR with the paper's settings by default; losses weighted as the matching costs.
 
     Args: as `DETR`, plus the matcher costs (class 1, L1 5, GIoU 2), which are also the loss
-    weights, and `eos_coef`, the "no object" class weight (0.1).
+    weights, and `eos_coef`, the "no object" class weight (0.1). `backbone` may also be a
+    factory of the feature model (`pyramid_backbone`).
     """
     matcher = HungarianMatcher(cost_class, cost_bbox, cost_giou)
     criterion = SetCriterion(num_classes, matcher, cost_class, cost_bbox, cost_giou, eos_coef)
     return DETR(
-        backbone,
+        pyramid_backbone(backbone),
         num_classes,
         in_stage=in_stage,
         hidden_dim=hidden_dim,

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert
 
 from pvtlab.models.heads.detr_matcher import HungarianMatcher, Match
-from pvtlab.utils.transfer import to_device_without_waiting
+from pvtlab.models.heads.transfer import to_device_without_waiting
 
 Targets = Sequence[Mapping[str, Tensor]]
 

@@ -10,8 +10,7 @@ test score threshold 0.05, class-wise NMS 0.5, at most 100 detections per image.
 
 Labels outside this module are 0-based like every pvtlab detection head; torchvision's Mask
 R-CNN reserves 0 for background, so `MaskRCNNDetector` shifts them by one on the way in and out.
-Images are not resized here (see `pvtlab.models.heads.retinanet.PaddingTransform`). RoIs pool
-through `pvtlab.models.heads.roi_align`, whose CPU backward is faster than torchvision's.
+Images are not resized here (see `pvtlab.models.heads.retinanet.PaddingTransform`).
 """
 
 from __future__ import annotations
@@ -23,11 +22,12 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from pvtlab.models.factory import BackboneFactory, pyramid_backbone
 from pvtlab.models.heads.fpn import BackboneWithFPN
 from pvtlab.models.heads.retinanet import ASPECT_RATIOS, PaddingTransform
-from pvtlab.models.heads.roi_align import MultiScaleRoIAlignFastBackward
 
 RPN_ANCHOR_SIZES = ((32,), (64,), (128,), (256,), (512,))
 
@@ -46,7 +46,7 @@ class MaskRCNNDetector(MaskRCNN):
             if missing:
                 raise ValueError(
                     "Mask R-CNN trains on instance masks but targets carry none: load them with "
-                    "data.with_masks=true (head=mask_rcnn sets it through head.masks)"
+                    "data.with_masks=true (the Mask R-CNN recipes set it)"
                 )
             targets = [{**t, "labels": t["labels"] + 1} for t in targets]
         output = super().forward(images, targets)
@@ -56,7 +56,7 @@ class MaskRCNNDetector(MaskRCNN):
 
 
 def build_mask_rcnn(
-    backbone: nn.Module,
+    backbone: nn.Module | BackboneFactory,
     num_classes: int,
     in_stages: Sequence[int] = (0, 1, 2, 3),
     fpn_channels: int = 256,
@@ -80,7 +80,8 @@ def build_mask_rcnn(
     """Mask R-CNN on `backbone`'s stages `in_stages` (+ a max-pooled level).
 
     Args:
-        backbone: timm `features_only` model (four maps, `feature_info`).
+        backbone: timm `features_only` model (four maps, `feature_info`), or a factory of one
+            (`pyramid_backbone`).
         num_classes: object classes K (the network has K + 1 outputs, 0 = background).
         in_stages: 0-based backbone maps entering the FPN (all four -> P2-P5, plus P6).
         fpn_channels: FPN width.
@@ -95,6 +96,7 @@ def build_mask_rcnn(
         sampling_ratio: RoIAlign samples per bin side (0: adaptive, mmdetection's setting).
         size_divisible: padding multiple of a batch.
     """
+    backbone = pyramid_backbone(backbone)
     body = BackboneWithFPN(backbone, in_stages, fpn_channels, LastLevelMaxPool())
     levels = len(in_stages) + 1
     if len(rpn_anchor_sizes) != levels:
@@ -118,10 +120,10 @@ def build_mask_rcnn(
         rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
         rpn_nms_thresh=rpn_nms_thresh,
         rpn_batch_size_per_image=rpn_batch_size_per_image,
-        box_roi_pool=MultiScaleRoIAlignFastBackward(names, 7, sampling_ratio),
+        box_roi_pool=MultiScaleRoIAlign(names, 7, sampling_ratio),
         box_head=TwoMLPHead(fpn_channels * 7 * 7, box_head_dim),
         box_predictor=FastRCNNPredictor(box_head_dim, num_classes + 1),
-        mask_roi_pool=MultiScaleRoIAlignFastBackward(names, 14, sampling_ratio),
+        mask_roi_pool=MultiScaleRoIAlign(names, 14, sampling_ratio),
         mask_head=MaskRCNNHeads(fpn_channels, mask_head_channels, dilation=1),
         mask_predictor=MaskRCNNPredictor(
             mask_head_channels[-1], mask_head_channels[-1], num_classes + 1

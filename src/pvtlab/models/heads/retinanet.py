@@ -7,7 +7,7 @@ mmdetection config (`retinanet_r50_fpn` as used by PVT): anchors 3 scales x 3 ra
 matches, focal loss (alpha 0.25, gamma 2) and L1 box loss, 1000 candidates per level, score
 threshold 0.05, class-wise NMS 0.5 and at most 100 detections per image.
 
-Interface of every pvtlab detection head (DESIGN.md): images are the data pipeline's resized,
+Interface of every pvtlab detection head (docs/design.md): images are the data pipeline's resized,
 normalized (3, H, W) tensors; `model(images, targets)` in training returns a dict of losses and
 `model(images)` in evaluation a list of `{boxes, scores, labels}` with boxes xyxy in the pixels of
 each given image and labels 0-based. The head does not resize: `PaddingTransform` replaces
@@ -24,6 +24,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+from pvtlab.models.factory import BackboneFactory, pyramid_backbone
 from pvtlab.models.heads.fpn import BackboneWithFPN
 from pvtlab.models.heads.retinanet_loss import assign_anchors, retinanet_losses
 
@@ -143,7 +144,7 @@ def check_target_boxes(boxes: Tensor, index: int) -> None:
 
 
 def build_retinanet(
-    backbone: nn.Module,
+    backbone: nn.Module | BackboneFactory,
     num_classes: int,
     in_stages: Sequence[int] = (1, 2, 3),
     fpn_channels: int = 256,
@@ -161,7 +162,8 @@ def build_retinanet(
     `backbone`'s stages `in_stages` (+ P6, P7 from the last one).
 
     Args:
-        backbone: timm `features_only` model (four maps, `feature_info`).
+        backbone: timm `features_only` model (four maps, `feature_info`), or a factory of one
+            (`pyramid_backbone`).
         num_classes: object classes K; labels are 0..K-1 (RetinaNet has no background class).
         in_stages: 0-based backbone maps entering the FPN (stages 2-4 -> P3-P5).
         fpn_channels: FPN width.
@@ -172,6 +174,7 @@ def build_retinanet(
         score_thresh, nms_thresh, detections_per_img: test-time filtering.
         size_divisible: padding multiple of a batch.
     """
+    backbone = pyramid_backbone(backbone)
     last = backbone.feature_info.channels()[in_stages[-1]]
     body = BackboneWithFPN(backbone, in_stages, fpn_channels, OnInputP6P7(last, fpn_channels))
     levels = len(in_stages) + 2

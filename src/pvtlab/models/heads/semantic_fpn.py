@@ -12,10 +12,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pvtlab.models.factory import BackboneFactory, pyramid_backbone
 from pvtlab.models.heads.fpn import BackboneWithFPN
-from pvtlab.models.resize import Upsample2x, resize_bilinear
 
 
 def norm_2d(kind: str, channels: int) -> nn.Module:
@@ -57,7 +58,7 @@ class ScaleBranch(nn.Sequential):
         for step in range(steps):
             layers.append(ConvNormReLU(in_channels if step == 0 else channels, channels, 3, norm))
             if stride != finest:
-                layers.append(Upsample2x())
+                layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
         super().__init__(*layers)
 
 
@@ -104,7 +105,7 @@ class SemanticFPNHead(nn.Module):
         for branch, feature in zip(self.branches, features, strict=True):
             level = branch(feature)
             if level.shape[-2:] != size:  # inputs not divisible by 32 give off-by-one grids
-                level = resize_bilinear(level, size)
+                level = F.interpolate(level, size=size, mode="bilinear", align_corners=False)
             out = level if out is None else out + level
         return self.classifier(self.dropout(out))
 
@@ -113,7 +114,8 @@ class SemanticFPN(nn.Module):
     """Backbone + FPN (all four stages) + Semantic FPN head; logits at the input size.
 
     Args:
-        backbone: a timm `features_only` model with four maps (strides 4, 8, 16, 32).
+        backbone: a timm `features_only` model with four maps (strides 4, 8, 16, 32), or a
+            factory of one (`pyramid_backbone`).
         num_classes: output classes.
         fpn_channels: FPN width (256).
         head_channels: scale-branch width (128).
@@ -123,7 +125,7 @@ class SemanticFPN(nn.Module):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: nn.Module | BackboneFactory,
         num_classes: int,
         fpn_channels: int = 256,
         head_channels: int = 128,
@@ -131,6 +133,7 @@ class SemanticFPN(nn.Module):
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
+        backbone = pyramid_backbone(backbone)
         stages = tuple(range(len(backbone.feature_info.channels())))
         self.backbone = BackboneWithFPN(backbone, stages, out_channels=fpn_channels)
         self.head = SemanticFPNHead(
@@ -141,4 +144,4 @@ class SemanticFPN(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         features = list(self.backbone(images).values())
         logits = self.head(features)
-        return resize_bilinear(logits, images.shape[-2:])
+        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)

@@ -1,14 +1,13 @@
 """A Trans2Seg-style transformer segmentation head (Xie et al. 2021), as PVT's Table 7 uses it.
 
 No PVT + Trans2Seg code was ever published; this head follows the Trans2Seg paper's description
-(REFERENCE.md section 3). The design choices, with the reasons, are in
+(docs/paper.md section 3). The design choices, with the reasons, are in
 experiments/trans2seg_design.md; in short:
 
 1. Encoder. The last pyramid map (stride 32) is flattened into tokens, projected by a linear layer
    to the embedding width, given a learned position embedding (stored as a `pos_grid` grid and
    resized bilinearly to the actual token grid, so any input size works), and passed through
-   `depth` pre-norm transformer blocks (attention by `pvtlab.models.attention`: SDPA, or the
-   explicit product on the CPU in bf16 where it is faster) and a final LayerNorm.
+   `depth` pre-norm transformer blocks and a final LayerNorm.
 2. Decoder. One learned query per class (the class count is the constructor's, nothing is
    hard-coded) goes through `depth - 1` pre-norm blocks of cross-attention to the encoder tokens
    plus an MLP, then a last cross-attention step whose per-head attention logits
@@ -33,12 +32,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 from torch import Tensor, nn
 
-from pvtlab.models.attention import attention
+from pvtlab.models.factory import BackboneFactory, pyramid_backbone
 from pvtlab.models.heads.semantic_fpn import ConvNormReLU, norm_2d
-from pvtlab.models.resize import resize_bilinear
 
 
 class SelfAttention(nn.Module):
@@ -55,7 +54,7 @@ class SelfAttention(nn.Module):
         q, k, v = (
             self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         )
-        x = attention(q, k, v)
+        x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
@@ -220,7 +219,7 @@ class Trans2SegHead(nn.Module):
         """`(1, H*W, C)`: the stored grid, resized bilinearly when the token grid differs."""
         pos = self.pos_embed
         if pos.shape[-2:] != (height, width):
-            pos = resize_bilinear(pos, (height, width))
+            pos = F.interpolate(pos, size=(height, width), mode="bilinear", align_corners=False)
         return pos.flatten(2).transpose(1, 2)
 
     def class_maps(self, context: Tensor) -> tuple[Tensor, Tensor]:
@@ -248,7 +247,7 @@ class Trans2SegHead(nn.Module):
         x = (x + self.feature_proj(features).unsqueeze(1)).flatten(0, 1)
         x = self.map_conv(self.map_act(x))
         size = detail.shape[-2:]
-        x = resize_bilinear(x, size)
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         x = x.reshape(B, K, -1, *size) + self.detail_proj(detail).unsqueeze(1)
         x = self.pred(self.fuse(x.flatten(0, 1)))
         return x.reshape(B, K, *size)
@@ -258,7 +257,8 @@ class Trans2Seg(nn.Module):
     """Backbone + Trans2Seg-style head; logits at the input size.
 
     Args:
-        backbone: a timm `features_only` model (four maps, strides 4 to 32).
+        backbone: a timm `features_only` model (four maps, strides 4 to 32), or a factory of
+            one (`pyramid_backbone`).
         num_classes: output classes (any number).
         embed_dim, depth, num_heads, mlp_ratio, hidden_dim, pos_grid, norm: see `Trans2SegHead`.
         detail_stage, context_stage: which backbone maps feed the fusion and the encoder.
@@ -266,7 +266,7 @@ class Trans2Seg(nn.Module):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: nn.Module | BackboneFactory,
         num_classes: int,
         embed_dim: int = 256,
         depth: int = 4,
@@ -279,6 +279,7 @@ class Trans2Seg(nn.Module):
         context_stage: int = -1,
     ) -> None:
         super().__init__()
+        backbone = pyramid_backbone(backbone)
         channels = backbone.feature_info.channels()
         self.backbone = backbone
         self.detail_stage, self.context_stage = detail_stage, context_stage
@@ -299,4 +300,4 @@ class Trans2Seg(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         features = self.backbone(images)
         logits = self.head(features[self.detail_stage], features[self.context_stage])
-        return resize_bilinear(logits, images.shape[-2:])
+        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)

@@ -1,1 +1,0 @@
-"""Reliability: atomic checkpoints, exact mid-epoch resume, a guard against non-finite losses."""
