@@ -1,9 +1,8 @@
 """`make train` learns: the default run (PVT-Tiny, shapes, CPU) reaches its measured accuracy.
 
-MIN_TOP1 is the issue's floor (0.8), far above what a model that learned nothing (0.125 for eight
-balanced classes) could score. Measured with this command on 2 idle cores
-(experiments/classification_shapes.md): val top-1 0.28 after the first of 8 epochs, test top-1
-0.8225 at the end, in 12 min 24 s. The run is seeded.
+MIN_TOP1 is the floor `make train` promises (0.8), far above what a model that learned nothing
+(0.125 for eight balanced classes) could score; the measured runs are in
+experiments/classification_shapes.md. The run is seeded.
 """
 
 from __future__ import annotations
@@ -24,8 +23,7 @@ def _column(rows: list[dict[str, str]], name: str) -> list[float]:
 
 @pytest.mark.slow
 def test_default_run_learns_the_shapes(tmp_path: Path, data_dir: Path) -> None:
-    # 12.4 min on 2 idle cores; over 40 min beside two other trainings on them: the limit only
-    # guards against a hang.
+    # The limit only guards against a hang: beside other work on 2 cores a run takes far longer.
     result = run_cli("train.py", [], tmp_path, data_dir, timeout=3600)
     (run,) = (tmp_path / "outputs" / "classification" / "runs").iterdir()
     with (run / "metrics.csv").open() as handle:
