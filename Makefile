@@ -10,20 +10,23 @@ CONSTRAINTS := requirements/constraints.txt
 # Extra arguments for train / bench / test, e.g. `make train ARGS="backbone=pvt_small"`.
 ARGS ?=
 
-.PHONY: help install train test test-fast lint format bench clean
+.PHONY: help install train predict test test-fast lint format bench models clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e '.[dev,onnx]'
 	touch $@
 
-install: $(STAMP) ## Create .venv and install pvtlab editable with the dev extra (quick when done)
+install: $(STAMP) ## Create .venv and install pvtlab editable with the dev and onnx extras (quick when done)
 
 train: $(STAMP) ## Train the default experiment (PVT-Tiny classification on shapes, CPU)
 	$(BIN)/python src/train.py $(ARGS)
+
+predict: $(STAMP) ## Predict with a checkpoint: make predict ARGS="ckpt_path=<.ckpt> input=<folder>"
+	$(BIN)/python src/predict.py $(ARGS)
 
 test: $(STAMP) ## Run the test suite CI runs (slow end-to-end checks included)
 	$(BIN)/python -m pytest $(ARGS)
@@ -41,6 +44,9 @@ format: $(STAMP) ## Apply ruff's fixes and formatting
 
 bench: $(STAMP) ## Benchmark throughput (benchmarks/README.md); CSV under outputs/benchmarks/
 	$(BIN)/python benchmarks/benchmark.py $(ARGS)
+
+models: $(STAMP) ## List every backbone and head: parameters, GMACs, choice, weights (ARGS=--markdown)
+	$(BIN)/python src/models.py $(ARGS)
 
 clean: ## Remove the venv, caches, run outputs and generated data
 	rm -rf $(VENV) outputs multirun lightning_logs wandb .pytest_cache .ruff_cache data/shapes

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
@@ -24,14 +26,17 @@ from rich.table import Table
 from torch import nn
 
 from pvtlab.config import (
+    HEAD_KINDS,
     ConfigError,
     check_compatible,
+    head_kind,
     print_config_tree,
     save_resolved_config,
     task_class,
     task_kind,
 )
 from pvtlab.loggers import log_wandb_run_facts
+from pvtlab.models.release_checkpoints import load_release_state_dict, release_kind
 from pvtlab.sweeps.metrics import write_metrics
 from pvtlab.sweeps.naming import set_sweep_group
 from pvtlab.sweeps.pretrained import check_pretrained
@@ -56,18 +61,100 @@ def build_model(
     return instantiate(OmegaConf.create(dict(head)), backbone=factory, num_classes=num_classes)
 
 
-def model_config(cfg: DictConfig) -> dict[str, Any]:
-    """The plain, resolved description of the network that a checkpoint carries."""
-    return {
+def model_config(cfg: DictConfig, datamodule: Any | None = None) -> dict[str, Any]:
+    """The plain, resolved description of the network that a checkpoint carries.
+
+    `backbone` and `head` (config groups), and the classes it predicts, read from `datamodule`:
+    `num_classes`, `class_names` (one per contiguous label, in label order) and `category_ids`
+    (COCO's category id of each label; None for other data). Without a data module, the classes
+    are `data.num_classes` alone (`class_names` and `category_ids` None).
+    """
+    description: dict[str, Any] = {
         "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
         "head": OmegaConf.to_container(cfg.head, resolve=True),
-        "num_classes": int(cfg.data.num_classes),
+        "preprocessing": _preprocessing(cfg),
     }
+    if datamodule is not None:
+        ids = getattr(datamodule, "category_ids", None)
+        description["class_names"] = [str(name) for name in datamodule.class_names]
+        description["category_ids"] = None if ids is None else [int(i) for i in ids]
+        description["num_classes"] = len(description["class_names"])
+        return description
+    if cfg.data.get("num_classes") is None:
+        raise ConfigError(
+            "data.num_classes is null (read from the data): build the model description "
+            "with the data module, model_config(cfg, datamodule)"
+        )
+    description.update(num_classes=int(cfg.data.num_classes), class_names=None, category_ids=None)
+    return description
 
 
-def build_task(cfg: DictConfig, description: Mapping[str, Any] | None = None) -> TaskModule:
-    """The LightningModule of `cfg.task` around the network `description` (default: from cfg)."""
-    description = dict(description or model_config(cfg))
+def _preprocessing(cfg: DictConfig) -> dict[str, Any] | None:
+    """The run's data `transforms` group: what prediction repeats of evaluation's input
+    (`pvtlab.inference`: resize rule and size, mean, std)."""
+    transforms = cfg.data.get("transforms")
+    return None if transforms is None else OmegaConf.to_container(transforms, resolve=True)
+
+
+def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    """`cfg.data` instantiated; an error of the DataModule reaches the user as itself (its
+    message), not wrapped in Hydra's InstantiationException, which prints it as a repr."""
+    try:
+        return instantiate(cfg.data)
+    except InstantiationException as error:
+        cause = error.__cause__
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause.with_traceback(cause.__traceback__) from None
+
+
+def pretrained_description(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
+    """The network of an evaluation without a checkpoint (`backbone.pretrained` weights).
+
+    A classifier keeps the head of its weights file: when the file's classifier has another
+    number of classes than the data, the model is built with the file's, which records no class
+    names, so the data's classes are matched to it by index (`match_data_classes`) instead of
+    the trained head being replaced.
+    """
+    description = model_config(cfg, datamodule)
+    rows = _pretrained_classifier_rows(cfg)
+    if rows is not None and rows != description["num_classes"]:
+        description.update(num_classes=rows, class_names=None, category_ids=None)
+    return description
+
+
+def _pretrained_classifier_rows(cfg: DictConfig) -> int | None:
+    """Classes of the classifier in `backbone.pretrained` (None: no file, or not classification)."""
+    path = cfg.backbone.get("pretrained")
+    if not path or task_kind(cfg) != "classification":
+        return None
+    import timm
+
+    from pvtlab.models.checkpoint import read_state_dict
+
+    classifier = timm.models.get_pretrained_cfg_value(str(cfg.backbone.name), "classifier")
+    weight = read_state_dict(path).get(f"{classifier or 'head'}.weight")
+    return None if weight is None else int(weight.shape[0])
+
+
+def match_data_classes(datamodule: Any, description: Mapping[str, Any]) -> None:
+    """Evaluation: label the data's classes with the model's (by name, see
+    `pvtlab.data.classes.label_mapping`), so a trained head is scored as it is."""
+    use_model_classes = getattr(datamodule, "use_model_classes", None)
+    if callable(use_model_classes):
+        use_model_classes(description.get("class_names"), int(description["num_classes"]))
+
+
+def build_task(
+    cfg: DictConfig,
+    description: Mapping[str, Any] | None = None,
+    datamodule: Any | None = None,
+) -> TaskModule:
+    """The LightningModule of `cfg.task` around the network `description` (default:
+    `model_config(cfg, datamodule)`)."""
+    description = dict(description or model_config(cfg, datamodule))
     model = build_model(description["backbone"], description["head"], description["num_classes"])
     # Partial first: `description` holds the head's `_target_`, which instantiate would recurse into.
     factory = instantiate(cfg.task, _partial_=True, _convert_="all")
@@ -114,7 +201,54 @@ def build_trainer(cfg: DictConfig, resume_from: str | None = None) -> L.Trainer:
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     if not cfg.trainer.get("enable_progress_bar", True):  # nor a progress bar it was told to hide
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        **validation_schedule(cfg.trainer),
+    )
+
+
+def validation_schedule(trainer: Mapping[str, Any]) -> dict[str, int]:
+    """Trainer settings under which a run validates at least once and at its end.
+
+    A validation interval (`val_check_interval` steps across epochs, or
+    `check_val_every_n_epoch`) that does not end on the run's last step or epoch (ADE20K's
+    4000 iterations in a 1000-step run) becomes the shortest one that does, with no more
+    validations than asked for; one line says so. Returns the settings that change.
+    """
+    if trainer.get("fast_dev_run"):
+        return {}
+    max_steps = int(trainer.get("max_steps") or -1)
+    max_epochs = int(trainer.get("max_epochs") or -1)
+    interval = trainer.get("val_check_interval")
+    every_n_epochs = trainer.get("check_val_every_n_epoch")
+    if every_n_epochs is None and type(interval) is int and max_steps > 0:
+        setting, value, length, unit = "val_check_interval", interval, max_steps, "steps"
+    elif every_n_epochs and max_steps <= 0 and max_epochs > 0:
+        setting, value, length, unit = (
+            "check_val_every_n_epoch",
+            every_n_epochs,
+            max_epochs,
+            "epochs",
+        )
+    else:
+        return {}
+    if length % int(value) == 0:
+        return {}
+    validations = math.ceil(length / int(value))
+    fitted = next(d for d in range(math.ceil(length / validations), length + 1) if length % d == 0)
+    log.warning(
+        "trainer.%s=%d does not end on this run's last of %d %s: %d instead (%d validations, "
+        "the last at the end)",
+        setting,
+        value,
+        length,
+        unit,
+        fitted,
+        length // fitted,
+    )
+    return {setting: fitted}
 
 
 def resolve_ckpt_path(value: str | None, cfg: DictConfig) -> str | None:
@@ -184,15 +318,21 @@ def read_training_checkpoint(path: str | Path, option: str = "") -> dict[str, An
     return checkpoint
 
 
-def load_task(cfg: DictConfig, ckpt_path: str | Path) -> TaskModule:
-    """A task rebuilt from a pvtlab checkpoint: its saved network description, then its weights."""
+def load_task(cfg: DictConfig, ckpt_path: str | Path, datamodule: Any | None = None) -> TaskModule:
+    """A task rebuilt from a pvtlab checkpoint: its saved network description, then its weights.
+    A file without one (the release's) is built for the classes of `datamodule`, else of
+    `data.num_classes`."""
     checkpoint = read_training_checkpoint(ckpt_path)
+    if release_kind(checkpoint["state_dict"]) is not None:  # the PVT release's own file
+        task = build_task(cfg, datamodule=datamodule)
+        load_release_state_dict(task.model, checkpoint["state_dict"], source=str(ckpt_path))
+        return task
     description = checkpoint.get("hyper_parameters", {}).get("model_config")
     if description is None:
         log.warning(
             "%s carries no model description; building the model from the config", ckpt_path
         )
-    task = build_task(cfg, description)
+    task = build_task(cfg, description, datamodule)
     missing, unexpected = task.load_state_dict(checkpoint["state_dict"], strict=False)
     if missing or unexpected:
         raise ConfigError(
@@ -201,6 +341,46 @@ def load_task(cfg: DictConfig, ckpt_path: str | Path) -> TaskModule:
             f"{' ...' if len(unexpected) > 10 else ''}"
         )
     return task
+
+
+# The task class of each kind of prediction (a head's kind: pvtlab.config.HEAD_KINDS).
+TASK_CLASSES = {
+    "classification": "pvtlab.tasks.classification.ClassificationTask",
+    "detection": "pvtlab.tasks.detection.DetectionTask",
+    "segmentation": "pvtlab.tasks.segmentation.SegmentationTask",
+}
+
+
+def task_from_checkpoint(ckpt_path: str | Path) -> TaskModule:
+    """A task rebuilt from a pvtlab checkpoint alone, no config: the network from its saved
+    description, the task class from its head's kind, the task's settings from its saved
+    hyperparameters, then its weights."""
+    checkpoint = read_training_checkpoint(ckpt_path)
+    hyper_parameters = dict(checkpoint.get("hyper_parameters") or {})
+    description = hyper_parameters.get("model_config")
+    if not description:
+        raise ConfigError(
+            f"{ckpt_path} carries no model description (hyper_parameters['model_config']): "
+            "nothing in it says which network its weights belong to"
+        )
+    kind = head_kind(OmegaConf.create(description["head"]))
+    if kind is None:
+        raise ConfigError(
+            f"{ckpt_path}: head {description['head'].get('_target_')} is not a pvtlab head; "
+            f"its kind of prediction is unknown (pvtlab heads: {sorted(HEAD_KINDS)})"
+        )
+    task_type = get_class(TASK_CLASSES[kind])
+    accepted = inspect.signature(task_type).parameters
+    settings = {k: v for k, v in hyper_parameters.items() if k in accepted and k != "model"}
+    model = build_model(description["backbone"], description["head"], description["num_classes"])
+    task = task_type(model=model, **settings)
+    missing, unexpected = task.load_state_dict(checkpoint["state_dict"], strict=False)
+    if missing or unexpected:
+        raise ConfigError(
+            f"{ckpt_path} does not fit its own description: missing keys {missing[:10]}, "
+            f"unexpected keys {unexpected[:10]}"
+        )
+    return task.eval()
 
 
 def initialise_from(task: TaskModule, path: str | Path) -> list[str]:
@@ -212,6 +392,9 @@ def initialise_from(task: TaskModule, path: str | Path) -> list[str]:
     the model is a ConfigError.
     """
     saved = read_training_checkpoint(path, option="load_from=")["state_dict"]
+    if release_kind(saved) is not None:  # the PVT release's own file: mapped, loaded strictly
+        load_release_state_dict(task.model, saved, source=f"load_from={path}")
+        return []
     own = task.state_dict()
     fitting = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
     if not fitting:
@@ -253,8 +436,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # Before any data is read: a wrong ckpt_path fails at once.
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg) if cfg.get("train", True) else None
     load_from = _resolve_load_from(cfg.get("load_from"), resuming=bool(ckpt_path))
-    datamodule = instantiate(cfg.data)
-    task = build_task(cfg)
+    datamodule = build_datamodule(cfg)
+    task = build_task(cfg, datamodule=datamodule)
     if load_from:
         initialise_from(task, load_from)
     if cfg.get("compile"):
@@ -282,8 +465,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Score a checkpoint (or `backbone.pretrained` weights) on the chosen split; return metrics."""
     output_dir = _prepare(cfg)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg)
-    task = load_task(cfg, ckpt_path) if ckpt_path else build_task(cfg)
-    datamodule = instantiate(cfg.data)
+    datamodule = build_datamodule(cfg)
+    if ckpt_path:
+        task = load_task(cfg, ckpt_path, datamodule)
+    else:
+        task = build_task(cfg, pretrained_description(cfg, datamodule))
+    match_data_classes(datamodule, task.hparams.model_config)
     if cfg.get("compile"):
         task.compile_model(options=FROZEN_WEIGHTS)
     trainer = build_trainer(cfg)
@@ -296,6 +483,81 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         _finish_loggers(trainer)
     print_summary(task, trainer, metrics, output_dir)
     return metrics
+
+
+def predict(cfg: DictConfig) -> dict[str, int]:
+    """Run the checkpoint `cfg.ckpt_path` on the pictures `cfg.input` names, in batches; write
+    the files of its kind of prediction (`pvtlab.prediction_files`) to the run folder. A file
+    that cannot be decoded is named in a warning and skipped. Returns the counts of pictures
+    predicted and skipped."""
+    # Imported here: train and evaluate need neither.
+    from rich.progress import Progress
+
+    from pvtlab.data.images import DECODE_ERRORS, read_rgb
+    from pvtlab.inference import Predictor
+    from pvtlab.prediction_files import batches, find_images, prediction_writer, relative_name
+
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path in (None, "", "last"):
+        raise ConfigError("ckpt_path=<file>: the .ckpt of a pvtlab run to predict with")
+    ckpt_path = resolve_ckpt_path(ckpt_path, cfg)
+    files, root = find_images(cfg.input)
+    if not files:
+        raise ConfigError(f"input={cfg.input} names no image file")
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved_config(cfg, output_dir / "config.yaml")
+    torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
+    predictor = Predictor.from_checkpoint(
+        ckpt_path, _device(cfg.trainer.accelerator), str(cfg.trainer.precision), int(cfg.top_k)
+    )
+    if cfg.get("compile"):
+        predictor.compile()
+    writer = prediction_writer(
+        predictor.kind, output_dir, predictor.classes, predictor.top_k, float(cfg.min_score)
+    )
+    skipped: list[Path] = []
+    with Progress(disable=not cfg.get("progress_bar", True)) as progress:
+        bar = progress.add_task(f"{predictor.kind} ({len(files)} files)", total=len(files))
+        for chunk in batches(files, int(cfg.batch_size)):
+            read, pictures = [], []
+            for path in chunk:
+                try:
+                    pictures.append(read_rgb(path))
+                    read.append(path)
+                except DECODE_ERRORS as error:
+                    log.warning("Skipped %s: not a readable image (%s)", path, error)
+                    skipped.append(path)
+            for path, picture, result in zip(
+                read, pictures, predictor.predict(pictures), strict=True
+            ):
+                writer.add(path, relative_name(path, root), picture, result)
+            progress.advance(bar, len(chunk))
+    written = writer.close()
+    counts = {"predicted": len(files) - len(skipped), "skipped": len(skipped)}
+    console = Console()
+    console.print(
+        f"Predicted {counts['predicted']} of {len(files)} files with {ckpt_path}"
+        + (f"; {len(skipped)} unreadable, skipped (named in the log)" if skipped else "")
+    )
+    for path in written:
+        console.print(f"  {path}")
+    return counts
+
+
+def _device(accelerator: str) -> str:
+    """The torch device of a Trainer's `accelerator` setting (one device: prediction runs on
+    one)."""
+    accelerator = str(accelerator)
+    if accelerator == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    devices = {"cpu": "cpu", "gpu": "cuda", "cuda": "cuda", "mps": "mps"}
+    if accelerator not in devices:
+        raise ConfigError(
+            f"trainer.accelerator={accelerator}: prediction runs on one of {sorted(devices)} "
+            "or auto"
+        )
+    return devices[accelerator]
 
 
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -26,11 +26,14 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 __all__ = [
     "PALETTE",
     "Tile",
+    "class_colors",
     "class_names_of",
     "draw_classification",
     "draw_detection",
+    "draw_detections",
     "draw_segmentation",
     "draw_tiles",
+    "overlay_label_map",
     "save_grid",
     "to_display",
 ]
@@ -251,3 +254,49 @@ def class_names_of(
             if len(cats) == num_classes:
                 return tuple(str(c["name"]) for c in cats)
     return tuple(f"class_{i}" for i in range(num_classes))
+
+
+def class_colors(num_classes: int) -> list[tuple[int, int, int]]:
+    """The colour of each class, `PALETTE` cycled."""
+    return [PALETTE[i % len(PALETTE)] for i in range(num_classes)]
+
+
+def draw_detections(
+    image: Tensor,
+    prediction: Mapping[str, Tensor],
+    names: Sequence[str],
+    min_score: float = 0.3,
+) -> Tensor:
+    """One picture's detections drawn on it (uint8 `(3, H, W)`): masks when predicted, boxes
+    captioned with class and score, those scoring below `min_score` left out.
+
+    `prediction` holds `boxes` (xyxy, the picture's pixels), `scores`, 0-based `labels` and
+    optionally `masks` ((N, H, W) booleans at the picture's size)."""
+    keep = prediction["scores"].float().cpu() >= min_score
+    labels = prediction["labels"].cpu()[keep]
+    colors = _colors(labels)
+    picture = image.cpu()
+    masks = prediction.get("masks")
+    if masks is not None and int(keep.sum()):
+        picture = draw_segmentation_masks(picture, masks.cpu()[keep].bool(), 0.4, colors)
+    captions = [
+        f"{_name(names, int(c))} {s:.2f}"
+        for c, s in zip(labels.tolist(), prediction["scores"].cpu()[keep].tolist(), strict=True)
+    ]
+    boxes = prediction["boxes"].float().cpu()[keep]
+    return draw_bounding_boxes(picture, boxes, captions, colors=colors, width=2)
+
+
+def overlay_label_map(
+    image: Tensor, label_map: Tensor, num_classes: int, alpha: float = 0.5
+) -> Tensor:
+    """A label map `(H, W)` of class indices laid over its picture (uint8 `(3, H, W)`) in the
+    class colours."""
+    label_map = label_map.cpu().long()
+    present = label_map.unique().tolist()
+    classes = torch.tensor([c for c in present if 0 <= c < num_classes], dtype=torch.long)
+    if not len(classes):
+        return image.cpu()
+    masks = label_map[None] == classes[:, None, None]
+    colors = [PALETTE[int(c) % len(PALETTE)] for c in classes.tolist()]
+    return draw_segmentation_masks(image.cpu(), masks, alpha=alpha, colors=colors)

@@ -79,11 +79,22 @@ def _overrides(group: str, option: str) -> list[str]:
 
 def _overlay_overrides(path: Path) -> list[str]:
     """The choices that select a nested overlay: recipe/backbone_task/<backbone>_<task>.yaml,
-    recipe/<data>_<task>_head/<head>.yaml."""
+    recipe/<data>_<task>_head/<head>.yaml, recipe/<data>_<task>_backbone/<backbone>.yaml,
+    recipe/<data>_<task>_backbone_head/<backbone>_<head>.yaml."""
     folder, option = path.parent.name, path.stem
     if folder == "backbone_task":
         backbone, _, task = option.rpartition("_")
         return [f"backbone={backbone}", f"task={task}"]
+    if folder.endswith("_backbone_head"):
+        data, _, task = folder.removesuffix("_backbone_head").partition("_")
+        head = next(
+            h for h in sorted(_options("head"), key=len, reverse=True) if option.endswith(f"_{h}")
+        )
+        backbone = option.removesuffix(f"_{head}")
+        return [f"data={data}", f"task={task}", f"backbone={backbone}", f"head={head}"]
+    if folder.endswith("_backbone"):
+        data, _, task = folder.removesuffix("_backbone").partition("_")
+        return [f"data={data}", f"task={task}", f"backbone={option}"]
     data, _, task = folder.removesuffix("_head").partition("_")
     return [f"data={data}", f"task={task}", f"head={option}"]
 

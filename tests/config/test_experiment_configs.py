@@ -162,3 +162,82 @@ def test_wandb_runs_are_grouped_by_sweep(tmp_path: Path) -> None:
     cfg.logger.wandb.group = "mine"
     set_sweep_group(cfg)
     assert cfg.logger.wandb.group == "mine"
+
+
+# ------------------------------------- the release's settings as the paper experiments' defaults
+
+
+def _job(tmp_path: Path, *overrides: str):
+    cfg = compose_config(list(overrides), output_dir=tmp_path / "run")
+    return OmegaConf.to_container(
+        OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True
+    )
+
+
+def test_table11_bounds_the_longer_side_as_the_release(tmp_path: Path) -> None:
+    for short, longest in ((640, 1066), (800, 1333)):
+        cfg = _job(tmp_path, "experiment=table11_speed", f"recipe.size=short{short}")
+        assert cfg["data"]["transforms"]["max_size"] == longest
+        assert cfg["data"]["transforms"]["train_short_side"] == [short]
+
+
+def test_pvt_large_mask_rcnn_trains_one_image_per_gpu(tmp_path: Path) -> None:
+    large = _job(tmp_path, "experiment=table4_mask_rcnn", "backbone=pvt_large")
+    assert large["data"]["loader"]["batch_size"] == 1
+    assert large["task"]["optimizer"]["lr"] == pytest.approx(2e-4 / 1.4)
+    small = _job(tmp_path, "experiment=table4_mask_rcnn", "backbone=pvt_small")
+    assert small["data"]["loader"]["batch_size"] == 2 and small["task"]["optimizer"]["lr"] == 2e-4
+    retina = _job(tmp_path, "experiment=table3_retinanet", "backbone=pvt_large")
+    assert retina["data"]["loader"]["batch_size"] == 2
+
+
+@pytest.mark.parametrize(
+    ("experiment", "lr", "norm"),
+    [("table3_retinanet", 0.01, "eval"), ("table4_mask_rcnn", 0.02, "eval")],
+)
+def test_cnn_detection_rows_are_mmdetections_baselines(
+    tmp_path: Path, experiment: str, lr: float, norm: str
+) -> None:
+    cfg = _job(tmp_path, f"experiment={experiment}", "backbone=resnet50")
+    assert (cfg["backbone"]["batch_norm"], cfg["backbone"]["frozen_stages"]) == (norm, 1)
+    optimizer = cfg["task"]["optimizer"]
+    assert (optimizer["name"], optimizer["lr"], optimizer["momentum"]) == ("sgd", lr, 0.9)
+    assert optimizer["weight_decay"] == 1e-4
+    pvt = _job(tmp_path, f"experiment={experiment}", "backbone=pvt_small")
+    assert "frozen_stages" not in pvt["backbone"] and pvt["task"]["optimizer"]["name"] == "adamw"
+
+
+def test_detr_r50_baseline_freezes_batch_norm(tmp_path: Path) -> None:
+    cfg = _job(tmp_path, "experiment=table6_detr", "backbone=resnet50")
+    assert (cfg["backbone"]["batch_norm"], cfg["backbone"]["frozen_stages"]) == ("frozen", 1)
+    assert cfg["task"]["optimizer"]["name"] == "adamw"
+
+
+def test_table5_defaults_to_the_released_40k_schedule(tmp_path: Path) -> None:
+    cfg = _job(tmp_path, "experiment=table5_semantic_fpn")
+    assert cfg["trainer"]["max_steps"] == 40000
+    assert cfg["data"]["loader"]["batch_size"] == 4 and cfg["task"]["optimizer"]["lr"] == 2e-4
+    assert cfg["data"]["transforms"]["test_size_divisor"] == 32
+    text = _job(tmp_path, "experiment=table5_semantic_fpn", "recipe.schedule=80k")
+    assert text["trainer"]["max_steps"] == 80000
+    assert text["data"]["loader"]["batch_size"] == 2 and text["task"]["optimizer"]["lr"] == 1e-4
+    resnet = _job(tmp_path, "experiment=table5_semantic_fpn", "backbone=resnet50")
+    optimizer = resnet["task"]["optimizer"]
+    assert (optimizer["name"], optimizer["lr"], optimizer["weight_decay"]) == ("sgd", 0.02, 5e-4)
+    assert "resnext101_32x4d" in _sweep_params("table5_semantic_fpn")["backbone"]
+
+
+@pytest.mark.parametrize("experiment", ["table3_retinanet", "table5_semantic_fpn"])
+def test_dense_tasks_decay_every_parameter(tmp_path: Path, experiment: str) -> None:
+    optimizer = _job(tmp_path, f"experiment={experiment}")["task"]["optimizer"]
+    assert optimizer["no_weight_decay_1d"] is False
+    assert optimizer["no_weight_decay_module_lists"] is False
+
+
+def test_imagenet_decays_all_but_1d_parameters_and_the_class_token(tmp_path: Path) -> None:
+    task = _job(tmp_path, "experiment=table2_classification")["task"]
+    optimizer, scheduler = task["optimizer"], task["scheduler"]
+    assert optimizer["no_weight_decay"] == ["cls_token"] and optimizer["no_weight_decay_1d"]
+    assert optimizer["no_weight_decay_module_lists"] is False
+    assert scheduler["per_epoch"] and scheduler["epoch_lag"] == 1
+    assert (scheduler["warmup_lr"], scheduler["min_lr"]) == (1e-6, 1e-5)

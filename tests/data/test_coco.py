@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_util
 
+from pvtlab.config import ConfigError
 from pvtlab.data.coco import (
     CategoryMapping,
     CocoDataModule,
@@ -382,5 +383,5 @@ def test_datamodule_names_the_expected_layout_and_class_count(tmp_path: Path) ->
     with pytest.raises(FileNotFoundError, match=r"train2017.*expected COCO layout"):
         CocoDataModule(tmp_path / "nowhere").setup("fit")
     _coco_root(tmp_path)
-    with pytest.raises(CocoFormatError, match=r"data\.num_classes=80 .* 2 categories"):
+    with pytest.raises(ConfigError, match=r"data\.num_classes=80 .* 2 categories"):
         CocoDataModule(tmp_path, num_classes=80).setup("validate")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pvtlab.config import ConfigError
 from pvtlab.data.imagefolder import ImageFolderDataModule, ImageFolderError
 from pvtlab.data.loading import LoaderSettings
 from pvtlab.data.samplers import RepeatAugSampler
@@ -87,7 +88,7 @@ def test_class_sets_must_agree(tmp_path: Path) -> None:
 
 
 def test_num_classes_must_agree(tmp_path: Path) -> None:
-    with pytest.raises(ImageFolderError, match=r"data.num_classes=1000 but .* has 3 class folders"):
+    with pytest.raises(ConfigError, match=r"data.num_classes=1000 but .* has 3 class folders"):
         module(make_folder(tmp_path), num_classes=1000)
 
 

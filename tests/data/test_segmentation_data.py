@@ -286,6 +286,8 @@ def test_datamodule_loaders(tiny_ade: Path) -> None:
 
 
 def test_datamodule_names_ade20k_classes_and_checks_kind(tmp_path: Path) -> None:
+    # ADE20K's release (ADEChallengeData2016) ships its class table beside the folders.
+    (tmp_path / "objectInfo150.txt").write_text("Idx\tRatio\tTrain\tVal\tName\n")
     assert ADE20KDataModule(tmp_path).class_names[:3] == ("wall", "building", "sky")
     with pytest.raises(ValueError, match="task=segmentation, not detection"):
         ADE20KDataModule(tmp_path, kind="detection")

@@ -23,6 +23,7 @@ from pvtlab.evaluation.coco import (
     coco_evaluate,
     rescale_prediction,
     to_coco_results,
+    usable_segmentation,
 )
 
 # Two images of 100 x 80 (w x h). Image 1 holds two category-3 boxes, image 2 one category-7 box.
@@ -290,3 +291,39 @@ def test_ddp_gathers_once_scores_on_rank0_and_broadcasts(tmp_path: Path) -> None
     assert m0["table"] and not m1["table"]
     assert (tmp_path / "rank0.json").is_file() and not (tmp_path / "rank1.json").exists()
     assert len(json.loads((tmp_path / "rank0.json").read_text())) == 2  # duplicates merged
+
+
+def test_a_bad_polygon_is_named_and_mask_ap_scored_on_the_rest(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One instance whose polygon has two points (not a shape) among good masks: mask AP is
+    computed on the other instances, and the warning names the annotation and its file."""
+    coco = _gt()
+    bad = coco.dataset["annotations"][1]  # image 1's second box
+    bad["segmentation"] = [[50.0, 40.0, 80.0, 70.0]]
+    evaluator = CocoEvaluator(coco, CATEGORY_IDS)
+    # Masks predicted for the two instances with usable ground truth only; boxes for all three.
+    predictions = [_prediction(GT_BOXES[i], masks=True) for i in (1, 2)]
+    evaluator.update(predictions, [_target(1), _target(2)])
+    with caplog.at_level("WARNING", logger="pvtlab.evaluation.coco"):
+        metrics, _ = evaluator.compute()
+    assert metrics["mAP"] == pytest.approx(1.0)
+    assert "segm_mAP" in metrics and not math.isnan(metrics["segm_mAP"])
+    assert metrics["segm_mAP_50"] > 0.5
+    warning = " ".join(r.getMessage() for r in caplog.records)
+    assert f"annotation {bad['id']} (1.jpg)" in warning and "without 1 ground-truth" in warning
+    # The other two instances are scored; the left-out one is no longer in the mask scoring.
+    ground_truth = evaluator.mask_ground_truth()
+    assert sorted(ground_truth.anns) == sorted(
+        a["id"] for a in coco.dataset["annotations"] if a is not bad
+    )
+
+
+def test_usable_segmentations() -> None:
+    assert usable_segmentation([[0, 0, 4, 0, 4, 4]])
+    assert usable_segmentation({"counts": "abc", "size": [4, 4]})
+    assert not usable_segmentation([[0, 0, 4, 4]])  # two points
+    assert not usable_segmentation([[0, 0, 4, 0, 4]])  # odd length
+    assert not usable_segmentation([[0, 0, 4, 0, float("nan"), 4]])
+    assert not usable_segmentation([])
+    assert not usable_segmentation(None)

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 import pvtlab  # noqa: F401
 from pvtlab.models import BACKBONES, CheckpointError, backbone_family, create_backbone
+from pvtlab.models.baselines import EvalModeBatchNorm2d, FixedBatchNorm2d
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "backbone"
 CONFIGS = sorted(p.stem for p in CONF.glob("*.yaml"))
@@ -153,3 +154,48 @@ def test_columnar_vit_levels_come_from_blocks_2_4_6_8() -> None:
 def test_unknown_backbone_lists_the_choices() -> None:
     with pytest.raises(ValueError, match="pvt_small, pvt_medium"):
         create_backbone("pvt_huge", features_only=True)
+
+
+# ---------------------------------------- mmdetection's baseline ResNets (docs/fidelity.md)
+
+
+def test_detection_baseline_freezes_the_stem_and_first_stage() -> None:
+    model = create_backbone("resnet18", features_only=True, batch_norm="eval", frozen_stages=1)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith(("conv1.", "bn1.", "layer1.")) for n in frozen)
+    assert {n for n, _ in model.named_parameters() if n.startswith(("conv1.", "layer1."))} <= frozen
+    assert all(p.requires_grad for n, p in model.named_parameters() if n.startswith("layer2."))
+    whole = create_backbone("resnet18", features_only=True)
+    assert all(p.requires_grad for p in whole.parameters())
+
+
+def test_norm_eval_keeps_the_running_statistics_and_learns_the_affine() -> None:
+    torch.manual_seed(0)
+    model = create_backbone("resnet18", features_only=True, batch_norm="eval").train()
+    norm = model.layer2[0].bn1
+    assert isinstance(norm, EvalModeBatchNorm2d)
+    before = norm.running_mean.clone()
+    maps = model(torch.randn(2, 3, 64, 64))
+    assert torch.equal(norm.running_mean, before)
+    sum(m.sum() for m in maps).backward()
+    assert norm.weight.grad is not None
+    trained = create_backbone("resnet18", features_only=True).train()
+    trained(torch.randn(2, 3, 64, 64))
+    assert not torch.equal(trained.layer2[0].bn1.running_mean, before)
+
+
+def test_detr_baseline_freezes_batch_norm() -> None:
+    model = create_backbone("resnet50", features_only=True, batch_norm="frozen", frozen_stages=1)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(isinstance(m, FixedBatchNorm2d) for m in norms)
+    assert not any(p.requires_grad for m in norms for p in m.parameters())
+    assert set(model.state_dict()) == set(
+        create_backbone("resnet50", features_only=True).state_dict()
+    )
+
+
+def test_cnn_options_refuse_other_backbones() -> None:
+    with pytest.raises(ValueError, match="CNN baselines"):
+        create_backbone("pvt_tiny", features_only=True, frozen_stages=1)
+    with pytest.raises(ValueError, match="choose one of"):
+        create_backbone("resnet18", features_only=True, batch_norm="sync")

@@ -261,10 +261,9 @@ def test_imagenet_recipe_is_the_paper_recipe(make_config: Callable[..., DictConf
     assert data.transforms.image_size == 224
     assert task.optimizer.name == "adamw" and task.optimizer.lr == 5e-4
     assert task.optimizer.weight_decay == 0.05 and task.lr_base_batch_size == 512
-    # At the paper's global batch of 1024 the lr is 1e-3: warm-up from 1e-6, floor 1e-5.
-    lr = task.optimizer.lr * 1024 / 512
-    assert lr * task.scheduler.warmup_factor == pytest.approx(1e-6)
-    assert lr * task.scheduler.min_factor == pytest.approx(1e-5)
+    # The release's timm cosine: per epoch, warm-up from 1e-6, floor 1e-5, whatever the batch.
+    assert task.scheduler.per_epoch and task.scheduler.epoch_lag == 1
+    assert (task.scheduler.warmup_lr, task.scheduler.min_lr) == (1e-6, 1e-5)
     assert task.scheduler.name == "cosine" and task.scheduler.warmup_epochs == 5
     assert (task.mixup.mixup_alpha, task.mixup.cutmix_alpha) == (0.8, 1.0)
     assert task.mixup.label_smoothing == 0.1

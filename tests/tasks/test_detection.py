@@ -50,6 +50,7 @@ def test_coco_recipe_1x_and_3x_multiscale(make_config) -> None:
         "gamma": 0.1,
         "warmup_steps": 500,
         "warmup_factor": 1e-3,
+        "epochs": 12,
     }
     assert list(one.data.transforms.train_short_side) == [800]
     assert one.data.transforms.max_size == 1333

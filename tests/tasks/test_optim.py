@@ -10,8 +10,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from pvtlab.pipeline import validation_schedule
 from pvtlab.tasks.base import TaskModule
-from pvtlab.tasks.optim import ScheduleSpec, build_optimizer, lr_factor_fn, param_groups
+from pvtlab.tasks.optim import (
+    ScheduleSpec,
+    build_optimizer,
+    fit_schedule,
+    lr_factor_fn,
+    param_groups,
+)
 
 
 class Tiny(nn.Module):
@@ -161,3 +168,107 @@ def test_gradients_clip_with_the_fused_optimizer_in_fp32_and_bf16(
         assert norm > 0.01  # so that the clipped runs' bound is a real one
     else:
         assert norm == pytest.approx(clip, rel=1e-3)
+
+
+# ------------------------------------------------------------------ runs of any length
+
+
+def test_a_warmup_longer_than_half_the_run_is_clipped() -> None:
+    # DeiT's 5 warm-up epochs in a 1-epoch run of 10 steps: 5 steps of warm-up, then the cosine.
+    spec = ScheduleSpec(name="cosine", warmup_epochs=5, warmup_factor=1e-3)
+    fitted = fit_schedule(spec, total_steps=10, steps_per_epoch=10)
+    assert fitted.warmup == 5
+    assert fitted.changes == ("warm-up 50 -> 5 steps (at most half the run)",)
+    factor = lr_factor_fn(spec, total_steps=10, steps_per_epoch=10)
+    assert factor(0) == pytest.approx(1e-3)
+    assert factor(5) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    # COCO's 500 iterations in a 40-step run.
+    coco = ScheduleSpec(name="step", warmup_steps=500, milestones=(8, 11), epochs=12)
+    assert fit_schedule(coco, total_steps=40, steps_per_epoch=10).warmup == 20
+
+
+def test_milestones_scale_with_the_run_they_were_written_for() -> None:
+    # mmdetection 1x (drops after epochs 8 and 11 of 12) in a 4-epoch run: drops at 8/3, 11/3.
+    spec = ScheduleSpec(name="step", milestones=(8, 11), epochs=12)
+    fitted = fit_schedule(spec, total_steps=400, steps_per_epoch=100)
+    assert fitted.milestones == (267, 367)
+    assert "milestones at epochs [8.0, 11.0] -> [2.67, 3.67]" in fitted.changes[0]
+    factor = lr_factor_fn(spec, total_steps=400, steps_per_epoch=100)
+    assert factor(266) == 1.0 and factor(267) == pytest.approx(0.1)
+    assert factor(399) == pytest.approx(0.01)
+    # The recipe's own length changes nothing.
+    assert fit_schedule(spec, total_steps=1200, steps_per_epoch=100).changes == ()
+    # Without the schedule's length, milestones beyond the run are named as never firing.
+    unscaled = fit_schedule(ScheduleSpec(name="step", milestones=(8, 11)), 400, 100)
+    assert unscaled.milestones == (800, 1100)
+    assert "milestones at epochs [8.0, 11.0] lie beyond this 4-epoch run" in unscaled.changes[0]
+
+
+class _Validated(_Regression):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.validations = 0
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, batch: object, batch_idx: int) -> None:
+        self.lrs.append(self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.validations += 1
+
+
+def test_a_one_epoch_run_with_a_longer_warmup_logs_the_clipped_schedule_and_validates(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    data = TensorDataset(torch.randn(16, 4), torch.randn(16, 2))
+    module = _Validated(
+        Tiny(),
+        optimizer={"lr": 1e-3},
+        scheduler={"name": "cosine", "warmup_epochs": 5, "warmup_factor": 1e-3},
+    )
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    loader = DataLoader(data, batch_size=4)
+    with caplog.at_level("WARNING", logger="pvtlab.tasks.optim"):
+        trainer.fit(module, loader, loader)
+    lines = [r.getMessage() for r in caplog.records if "Schedule fitted" in r.getMessage()]
+    assert lines == [
+        "Schedule fitted to this run of 4 steps: warm-up 20 -> 2 steps (at most half the run)"
+    ]
+    assert module.validations == 4
+    # Half the run warms up, the rest follows the cosine: step 2 trains at its value.
+    assert module.lrs[0] == pytest.approx(1e-6)
+    assert module.lrs[2] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 2 / 4)))
+
+
+@pytest.mark.parametrize(
+    ("trainer", "expected"),
+    [
+        # ADE20K's 4000-iteration interval in a 1000-step run: validate at its end.
+        (
+            {"max_steps": 1000, "val_check_interval": 4000, "check_val_every_n_epoch": None},
+            {"val_check_interval": 1000},
+        ),
+        # 5000 steps: twice, at 2500 and at the end (not at 4000 only).
+        (
+            {"max_steps": 5000, "val_check_interval": 4000, "check_val_every_n_epoch": None},
+            {"val_check_interval": 2500},
+        ),
+        # The recipe's own length: unchanged.
+        ({"max_steps": 80000, "val_check_interval": 4000, "check_val_every_n_epoch": None}, {}),
+        # Every 8 epochs in a 5-epoch run: at its end.
+        (
+            {"max_steps": -1, "max_epochs": 5, "check_val_every_n_epoch": 8},
+            {"check_val_every_n_epoch": 5},
+        ),
+        ({"max_steps": -1, "max_epochs": 12, "check_val_every_n_epoch": 1}, {}),
+    ],
+)
+def test_every_run_validates_at_its_end(trainer: dict, expected: dict) -> None:
+    assert validation_schedule(trainer) == expected

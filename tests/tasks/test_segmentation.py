@@ -198,17 +198,19 @@ def test_poly_schedule_steps_every_iteration(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("head", "steps"), [("semantic_fpn", 80000), ("trans2seg", 40000), ("trans2seg_small", 40000)]
+    ("head", "steps", "lr"),
+    [("semantic_fpn", 40000, 2e-4), ("trans2seg", 40000, 1e-4), ("trans2seg_small", 40000, 1e-4)],
 )
 def test_ade20k_recipe_picks_the_schedule_of_the_head(
-    make_config: Callable[..., DictConfig], head: str, steps: int
+    make_config: Callable[..., DictConfig], head: str, steps: int, lr: float
 ) -> None:
     cfg = make_config(["task=segmentation", "data=ade20k", f"head={head}"])
     assert cfg.trainer.max_steps == steps
     assert cfg.trainer.max_epochs == -1
-    assert cfg.task.optimizer.lr == 1e-4 and cfg.task.optimizer.weight_decay == 1e-4
+    assert cfg.task.optimizer.lr == lr and cfg.task.optimizer.weight_decay == 1e-4
     assert cfg.task.scheduler.name == "poly" and cfg.task.scheduler.power == 0.9
-    assert list(cfg.data.transforms.crop_size) == [512, 512] and cfg.data.num_classes == 150
+    assert list(cfg.data.transforms.crop_size) == [512, 512]
+    assert cfg.data.num_classes is None  # read from the data set's class list
 
 
 def test_epoch_schedule_overrides_the_iterations(make_config: Callable[..., DictConfig]) -> None:

@@ -8,7 +8,8 @@ Layout expected under `root` (every path overridable, relative to `root` or abso
 What the loader does with real-world data:
 
 - category ids (any integers) map to contiguous labels 0..K-1 in id order, and back
-  (`CategoryMapping`);
+  (`CategoryMapping`); the training json's categories are the data set's classes (its
+  `class_names` and `category_ids`), and every other split must list the same ones;
 - crowd annotations (`iscrowd=1`) are left out of the training targets; evaluation reads the json
   itself, so COCOeval honours them as "ignore" regions;
 - boxes are clipped to the image; a box narrower or lower than `min_box_size` pixels after
@@ -53,6 +54,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
+from pvtlab.config import ConfigError
+from pvtlab.data.classes import check_num_classes
 from pvtlab.data.config import as_config
 from pvtlab.data.detection_transforms import DetectionTransformConfig
 from pvtlab.data.loading import LoaderConfig, processes_on_this_node
@@ -215,6 +218,7 @@ class CocoDetection(Dataset):
         bad_images: "error" or "skip" for missing or undecodable image files.
         min_box_size: boxes narrower or lower than this (pixels, after clipping) are dropped.
         check_files: look for every image file when the split is read (one stat per image).
+        coco: the annotation file already read (`load_coco`); None reads it.
     """
 
     def __init__(
@@ -228,6 +232,7 @@ class CocoDetection(Dataset):
         bad_images: str = "error",
         min_box_size: float = 1.0,
         check_files: bool = True,
+        coco: COCO | None = None,
     ) -> None:
         if bad_images not in BAD_IMAGE_POLICIES:
             raise ValueError(f"bad_images={bad_images!r}; choose one of {BAD_IMAGE_POLICIES}")
@@ -238,7 +243,7 @@ class CocoDetection(Dataset):
         self.with_masks = with_masks
         self.bad_images = bad_images
         self.min_box_size = float(min_box_size)
-        self.coco = load_coco(self.annotation_file)
+        self.coco = coco if coco is not None else load_coco(self.annotation_file)
         self.categories = CategoryMapping.from_coco(self.coco)
         self.stats: dict[str, int] = {}
         self._instances = self._read_instances()
@@ -314,8 +319,21 @@ class CocoDetection(Dataset):
             boxes_dropped=int((~size_ok & ~crowd).sum()),
         )
         if self.with_masks:
-            no_shape = [not _has_shape(a.get("segmentation")) for a in anns]
-            self.stats["masks_from_boxes"] = int((np.array(no_shape) & keep).sum())
+            no_shape = np.array([not _has_shape(a.get("segmentation")) for a in anns]) & keep
+            self.stats["masks_from_boxes"] = int(no_shape.sum())
+            if no_shape.any():
+                where = np.flatnonzero(no_shape)
+                named = [
+                    f"annotation {ann_ids[k]} ({self.coco.imgs[int(image_of[k])]['file_name']})"
+                    for k in where[:5]
+                ]
+                log.warning(
+                    "%s: %d instance(s) without a usable mask take their box as mask: %s%s",
+                    name,
+                    len(where),
+                    ", ".join(named),
+                    f" and {len(where) - 5} more" if len(where) > 5 else "",
+                )
 
         order = np.flatnonzero(keep)
         order = order[np.argsort(image_of[order], kind="stable")]
@@ -453,6 +471,11 @@ class CocoDetection(Dataset):
         )
 
 
+def _describe(categories: CategoryMapping, limit: int = 5) -> str:
+    pairs = [f"{i}={n!r}" for i, n in zip(categories.category_ids, categories.names, strict=True)]
+    return ", ".join(pairs[:limit]) + (" ..." if len(pairs) > limit else "")
+
+
 def _short(record: dict[str, Any]) -> str:
     """A record for an error message, without its (possibly huge) segmentation."""
     return str({k: v for k, v in record.items() if k != "segmentation"})[:200]
@@ -517,7 +540,11 @@ class CocoDataModule(L.LightningDataModule):
         with_masks: decode instance masks (Mask R-CNN; its recipe overlays set it).
         skip_empty, bad_images, min_box_size, check_files: see `CocoDetection`.
         kind: the task kind these data serve (must be detection).
-        num_classes: the categories the model predicts; checked against the json.
+        num_classes: expected number of categories, checked against the json; None: the
+            json's.
+
+    The classes are the categories of the training json (of the val json when there is no
+    training json: an evaluation-only set): `class_names` and `category_ids` in label order.
     """
 
     def __init__(
@@ -546,7 +573,9 @@ class CocoDataModule(L.LightningDataModule):
         self.batch_size = self.loader.batch_size
         self.eval_batch_size = self.loader.eval_batch_size or self.loader.batch_size
         self.loading = self.loader.settings()
-        self.num_classes = num_classes
+        self.expected_num_classes = num_classes
+        self._annotations: dict[Path, COCO] = {}
+        self._categories: CategoryMapping | None = None
         self.dataset_options = {
             "with_masks": with_masks,
             "skip_empty": skip_empty,
@@ -559,6 +588,61 @@ class CocoDataModule(L.LightningDataModule):
         self.eval_transform = self.transforms.eval()
         self.datasets: dict[str, CocoDetection] = {}
 
+    def _read(self, annotation_file: Path) -> COCO:
+        """An annotation file, read once (the classes and the split share it)."""
+        if annotation_file not in self._annotations:
+            self._annotations[annotation_file] = load_coco(annotation_file)
+        return self._annotations[annotation_file]
+
+    @property
+    def class_source(self) -> Path:
+        """The json whose categories are the classes: the training json, else the val json."""
+        train = self.paths["train"][1]
+        return train if train.is_file() else self.paths["val"][1]
+
+    @property
+    def categories(self) -> CategoryMapping:
+        """The classes (read from `class_source` on first use, checked against num_classes)."""
+        if self._categories is None:
+            categories = CategoryMapping.from_coco(self._read(self.class_source))
+            check_num_classes(
+                self.expected_num_classes, len(categories), self.class_source, "categories"
+            )
+            self._categories = categories
+        return self._categories
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.categories)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.categories.names
+
+    @property
+    def category_ids(self) -> list[int]:
+        return list(self.categories.category_ids)
+
+    def use_model_classes(self, class_names: Sequence[str] | None, num_classes: int) -> None:
+        """A trained detector is scored on data of its own categories (the same names, in the
+        same label order); anything else is a ConfigError naming the difference."""
+        names = list(class_names) if class_names else None
+        if names == list(self.class_names) or (names is None and num_classes == self.num_classes):
+            return
+        known = set(names or ())
+        unknown = [n for n in self.class_names if n not in known]
+        raise ConfigError(
+            f"{self.class_source} has {self.num_classes} categories and the model "
+            f"{num_classes} classes"
+            + (f"; categories the model does not know: {unknown[:10]}" if unknown else "")
+            + (
+                f"; the model's classes in label order: {names[:10]}{' ...' if len(names) > 10 else ''}"
+                if names
+                else "; the model records no class names"
+            )
+            + ". A detector is scored on data with its own categories, in the same order."
+        )
+
     def split(self, name: str) -> CocoDetection:
         """The dataset of split `name` (train | val | test), read on first use."""
         if name == "test" and self.paths["test"] == self.paths["val"]:
@@ -570,19 +654,24 @@ class CocoDataModule(L.LightningDataModule):
                     f"{image_dir}: no such image folder ({name} split); {LAYOUT}"
                 )
             train = name == "train"
+            classes = self.categories
+            coco = self._read(annotations)
+            if CategoryMapping.from_coco(coco) != classes:
+                other = CategoryMapping.from_coco(coco)
+                raise CocoFormatError(
+                    f"the categories of {annotations} ({len(other)}: "
+                    f"{_describe(other)}) differ from those of {self.class_source} "
+                    f"({len(classes)}: {_describe(classes)}); every split needs the same "
+                    "category ids and names"
+                )
             dataset = CocoDetection(
                 image_dir,
                 annotations,
                 self.train_transform if train else self.eval_transform,
                 train=train,
+                coco=coco,
                 **self.dataset_options,
             )
-            if self.num_classes is not None and len(dataset.categories) != self.num_classes:
-                raise CocoFormatError(
-                    f"data.num_classes={self.num_classes} but {annotations} has "
-                    f"{len(dataset.categories)} categories: set data.num_classes="
-                    f"{len(dataset.categories)}"
-                )
             self.datasets[name] = dataset
         return self.datasets[name]
 

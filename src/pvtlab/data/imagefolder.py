@@ -6,7 +6,10 @@ Layout under `root`::
     root/val/<class>/<image>       the same class folders (ImageNet val sorted into them)
     root/test/<class>/<image>      optional; the test split defaults to val
 
-Classes are the sorted folder names of train/; val/ (and test/) must hold the same set. Files
+Classes are the sorted folder names of train/ (`class_names`; label i is the i-th); val/ (and
+test/) must hold the same set. Evaluating a trained model, `use_model_classes` labels the folders
+by the model's own class names instead, so a folder holding a subset of its classes is scored on
+them (`pvtlab.data.classes.label_mapping`). Files
 whose extension is not an image's, and images that fail to decode, are an error naming the file,
 or with ``invalid_files="skip"`` are left out (counted in the log) when the folders are read and
 replaced by the next image when they fail to decode.
@@ -25,6 +28,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from pvtlab.data.classes import check_num_classes, label_mapping
 from pvtlab.data.config import as_config
 from pvtlab.data.loading import LoaderConfig, processes_on_this_node
 from pvtlab.data.samplers import RepeatAugSampler
@@ -158,7 +162,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         root: folder holding train/, val/ (and optionally test/); without train/ it can only
             be evaluated (classes from val/).
         kind: must be "classification" (every data config names the task kind it serves).
-        num_classes: expected number of classes (the head is built for it); None: not checked.
+        num_classes: expected number of classes, checked against the class folders; None: the
+            number of class folders.
         loader: batch sizes and loader settings (`pvtlab.data.loading.LoaderConfig`, or a mapping
             of its fields).
         transforms: image size and the training / evaluation transforms
@@ -203,13 +208,19 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.seed = seed
         # Layout checks that read only folder names: fail at construction, before any training.
         self.classes = self._check_layout()
-        if num_classes is not None and int(num_classes) != len(self.classes):
-            raise ImageFolderError(
-                f"data.num_classes={num_classes} but {self.root} has {len(self.classes)} "
-                f"class folders; set data.num_classes={len(self.classes)}"
-            )
+        check_num_classes(num_classes, len(self.classes), self.root, "class folders")
         self.num_classes = len(self.classes)
+        self.class_names = tuple(self.classes)
+        self.category_ids: list[int] | None = None
+        # The label of each class folder: its position, or a model's label of its name.
+        self.labels = list(range(self.num_classes))
         self.datasets: dict[str, ImageFolderDataset] = {}
+
+    def use_model_classes(self, class_names: Sequence[str] | None, num_classes: int) -> None:
+        """Label the class folders with a trained model's labels, matched by name (see
+        `pvtlab.data.classes.label_mapping`); before any split is read."""
+        self.labels = label_mapping(self.classes, class_names, num_classes, self.root)
+        self.datasets.clear()
 
     def _split_dir(self, split: str) -> Path:
         """The folder of a split; test falls back to val when there is no test/."""
@@ -261,6 +272,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             )
         if split not in self.datasets:
             samples, skipped = scan_split(self._split_dir(split), self.classes, self.invalid_files)
+            samples = [(path, self.labels[index]) for path, index in samples]
             if skipped:
                 log.warning(
                     "%s: left out %d non-image files (first: %s)",

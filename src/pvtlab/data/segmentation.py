@@ -5,13 +5,19 @@ Layout under `root` (ADE20K's `ADEChallengeData2016`, and the embedded shapes se
     images/training/<id>.jpg        annotations/training/<id>.png
     images/validation/<id>.jpg      annotations/validation/<id>.png
 
+    classes.txt                     optional: the class names, one a line, in label order
+    manifest.json                   optional: {"classes": [names]} (the shapes generator's)
+
 Label maps are single-channel PNGs of the image's size. With `reduce_zero_label` (ADE20K), value 0
 ("other") becomes the ignore index 255 and classes 1..K become 0..K-1; a stored 255 stays ignored.
+
+The classes are what the folder lists (`classes.txt`, else `manifest.json`; ADE20K's release
+ships `objectInfo150.txt`, which stands for its 150 classes); `data.num_classes`, when set, is
+checked against that list, and is needed only for a folder that lists none.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +30,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from pvtlab.config import ConfigError
+from pvtlab.data.classes import CLASS_LIST_FILES, check_num_classes, label_mapping, read_class_list
 from pvtlab.data.config import as_config
 from pvtlab.data.loading import LoaderConfig, processes_on_this_node
 from pvtlab.data.segmentation_transforms import SegmentationTransformConfig, padded_size
@@ -49,6 +57,8 @@ ADE20K_CLASSES = (
     "clock", "flag",
 )  # fmt: skip
 
+# The class table that ADE20K's release (ADEChallengeData2016) ships beside its folders.
+ADE20K_CLASS_TABLE = "objectInfo150.txt"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 LAYOUT = "images/{split}/<id>.jpg with annotations/{split}/<id>.png"
 
@@ -66,6 +76,7 @@ class SegmentationFolder(Dataset):
         num_classes: classes after the zero-label shift (150 for ADE20K).
         transform: `(image uint8 (3,H,W), label uint8 (H,W)) -> (image float, label int64)`.
         reduce_zero_label: map 0 to `ignore_index` and shift the other classes down by one.
+        labels: the label each class becomes (a trained model's label of it); None: itself.
     """
 
     def __init__(
@@ -76,6 +87,7 @@ class SegmentationFolder(Dataset):
         transform: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
         reduce_zero_label: bool = True,
         ignore_index: int = 255,
+        labels: Sequence[int] | None = None,
     ) -> None:
         self.root = Path(root)
         self.split = split
@@ -93,7 +105,9 @@ class SegmentationFolder(Dataset):
             )
         lookup = np.full(256, ignore_index, dtype=np.uint8)
         offset = 1 if reduce_zero_label else 0
-        lookup[offset : offset + self.num_classes] = np.arange(self.num_classes)
+        lookup[offset : offset + self.num_classes] = (
+            np.arange(self.num_classes) if labels is None else np.asarray(labels)
+        )
         self.lookup = lookup
         self.max_stored = self.num_classes if reduce_zero_label else self.num_classes - 1
 
@@ -172,19 +186,40 @@ def _values_present(handle: Image.Image, stored: np.ndarray) -> list[int]:
     return np.unique(stored).tolist()
 
 
-def default_class_names(root: Path, num_classes: int) -> tuple[str, ...]:
-    """`classes` of `<root>/manifest.json` if it fits, ADE20K's for 150, else `class_<i>`."""
-    manifest = root / "manifest.json"
-    if manifest.is_file():
-        try:
-            classes = json.loads(manifest.read_text()).get("classes")
-        except (json.JSONDecodeError, AttributeError):
-            classes = None
-        if isinstance(classes, list) and len(classes) == num_classes:
-            return tuple(str(c) for c in classes)
-    if num_classes == len(ADE20K_CLASSES):
-        return ADE20K_CLASSES
-    return tuple(f"class_{i}" for i in range(num_classes))
+def folder_classes(root: Path) -> tuple[tuple[str, ...], Path] | None:
+    """The class names a segmentation folder lists and the file that lists them (None: none).
+
+    `classes.txt`, else `manifest.json`'s `classes`, else ADE20K's own `objectInfo150.txt`
+    (ADE20K's 150 names)."""
+    listed = read_class_list(root)
+    if listed is not None:
+        return listed
+    if (root / ADE20K_CLASS_TABLE).is_file():
+        return ADE20K_CLASSES, root / ADE20K_CLASS_TABLE
+    return None
+
+
+def resolve_classes(
+    root: Path, num_classes: int | None, class_names: Sequence[str] | None = None
+) -> tuple[str, ...]:
+    """The class names of a segmentation folder: `class_names` if given, else what the folder
+    lists (`folder_classes`), else `class_<i>` for a set `num_classes`. A set `num_classes` must
+    agree with the list; with neither, the error says how to describe the classes."""
+    if class_names is not None:
+        names, source = tuple(str(n) for n in class_names), "data.class_names"
+    else:
+        listed = folder_classes(root)
+        if listed is None:
+            if num_classes is None:
+                raise ConfigError(
+                    f"{root} does not say its classes: add {root / CLASS_LIST_FILES[0]} (one "
+                    "class name a line, in label order: label value 1 first with "
+                    "data.reduce_zero_label=true, else value 0) or set data.num_classes"
+                )
+            return tuple(f"class_{i}" for i in range(int(num_classes)))
+        names, source = listed
+    check_num_classes(num_classes, len(names), source)
+    return names
 
 
 def collate_segmentation(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -229,10 +264,9 @@ class ADE20KDataModule(L.LightningDataModule):
     Args:
         root: folder with `images/` and `annotations/` (ADE20K: `ADEChallengeData2016`).
         kind: the task kind this data serves; must be `segmentation`.
-        num_classes: classes after the zero-label shift (150 for ADE20K).
-        class_names: names for the per-class table. Default: the `classes` list of
-            `<root>/manifest.json` when it has `num_classes` entries (the shapes generator writes
-            one), ADE20K's names for 150 classes, else `class_<i>`.
+        num_classes: classes after the zero-label shift, checked against the folder's class list
+            (module docstring); None: that list's length.
+        class_names: the class names in label order, instead of the folder's list.
         splits: folder names of the splits (`SegmentationSplits`, or a mapping of its fields).
         loader: batch sizes and loader settings (`pvtlab.data.loading.LoaderConfig`, or a mapping
             of its fields). Images of one evaluation batch are padded to the largest, so an
@@ -246,7 +280,7 @@ class ADE20KDataModule(L.LightningDataModule):
         self,
         root: str | Path,
         kind: str = "segmentation",
-        num_classes: int = 150,
+        num_classes: int | None = None,
         class_names: Sequence[str] | None = None,
         splits: SegmentationSplits | Mapping[str, Any] | None = None,
         loader: LoaderConfig | Mapping[str, Any] | None = None,
@@ -257,10 +291,6 @@ class ADE20KDataModule(L.LightningDataModule):
         super().__init__()
         if kind != "segmentation":
             raise ValueError(f"ADE20KDataModule serves task=segmentation, not {kind}")
-        if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(
-                f"class_names lists {len(class_names)} names for num_classes={num_classes}"
-            )
         self.root = Path(root)
         if not self.root.is_dir():  # fail before the model is built, not at the first batch
             raise FileNotFoundError(
@@ -268,8 +298,10 @@ class ADE20KDataModule(L.LightningDataModule):
                 f"{LAYOUT.format(split='training')} and {LAYOUT.format(split='validation')} "
                 f"under it (ADEChallengeData2016). Set it with data.root=/path/to/ADEChallengeData2016."
             )
-        self.num_classes = int(num_classes)
-        self.class_names = tuple(class_names or default_class_names(self.root, self.num_classes))
+        self.class_names = resolve_classes(self.root, num_classes, class_names)
+        self.num_classes = len(self.class_names)
+        self.category_ids: list[int] | None = None
+        self.labels: list[int] | None = None  # a trained model's label of each class
         self.loader = as_config(loader, LoaderConfig(eval_batch_size=1), "data.loader")
         self.batch_size = self.loader.batch_size
         self.eval_batch_size = self.loader.eval_batch_size or self.loader.batch_size
@@ -287,6 +319,13 @@ class ADE20KDataModule(L.LightningDataModule):
         self.test_transform = self.transforms.eval()
         self.datasets: dict[str, SegmentationFolder] = {}
 
+    def use_model_classes(self, class_names: Sequence[str] | None, num_classes: int) -> None:
+        """Label the classes with a trained model's labels, matched by name (see
+        `pvtlab.data.classes.label_mapping`); before any split is read."""
+        labels = label_mapping(self.class_names, class_names, num_classes, self.root)
+        self.labels = None if labels == list(range(self.num_classes)) else labels
+        self.datasets.clear()
+
     def dataset(self, stage: str) -> SegmentationFolder:
         """The `train`, `val` or `test` dataset (built on first use)."""
         if stage not in self.datasets:
@@ -298,6 +337,7 @@ class ADE20KDataModule(L.LightningDataModule):
                 transform,
                 self.reduce_zero_label,
                 self.ignore_index,
+                self.labels,
             )
         return self.datasets[stage]
 

@@ -231,20 +231,34 @@ class TrainTransform:
         return pad_pair(image, label.long(), self.crop_size, self.ignore_index)
 
 
+def align_size(size: tuple[int, int], divisor: int) -> tuple[int, int]:
+    """Each side rounded up to a multiple of `divisor` (1: unchanged)."""
+    return tuple(math.ceil(s / divisor) * divisor for s in size)  # type: ignore[return-value]
+
+
 class EvalTransform:
-    """Keep-ratio resize of the image to `scale` (shorter side 512 for ADE20K) and normalize."""
+    """Keep-ratio resize of the image to `scale` (shorter side 512 for ADE20K), each side then
+    stretched up to a multiple of `size_divisor`, and normalize.
+
+    `size_divisor=32` is the release's `AlignResize`: the network sees whole stride-32 grids
+    instead of a padded input. The release resizes twice (keep-ratio, then to the aligned size);
+    here the image is resized once, straight to the aligned size. The label keeps its own size.
+    """
 
     def __init__(
         self,
         scale: Sequence[int] = (2048, 512),
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        size_divisor: int = 1,
     ) -> None:
         self.scale = tuple(scale)
         self.mean, self.std = tuple(mean), tuple(std)
+        self.size_divisor = int(size_divisor)
 
     def __call__(self, image: Tensor, label: Tensor) -> tuple[Tensor, Tensor]:
-        image, _ = resize_pair(image, None, keep_ratio_size(*image.shape[-2:], self.scale))
+        size = align_size(keep_ratio_size(*image.shape[-2:], self.scale), self.size_divisor)
+        image, _ = resize_pair(image, None, size)
         return normalize(image, self.mean, self.std), label.long()
 
 
@@ -260,6 +274,8 @@ class SegmentationTransformConfig:
         flip_prob: horizontal-flip probability in training.
         photometric: mmseg's photometric distortion in training.
         test_scale: keep-ratio resize at evaluation (None: `scale`).
+        test_size_divisor: evaluation images stretched to a multiple of this (32: the
+            release's `AlignResize`; 1: no stretching).
     """
 
     crop_size: Sequence[int] = (512, 512)
@@ -269,6 +285,7 @@ class SegmentationTransformConfig:
     flip_prob: float = 0.5
     photometric: bool = True
     test_scale: Sequence[int] | None = None
+    test_size_divisor: int = 1
 
     def train(self, ignore_index: int = 255) -> TrainTransform:
         """The training pipeline; crops are padded with `ignore_index` in the label map."""
@@ -283,7 +300,7 @@ class SegmentationTransformConfig:
         )
 
     def eval(self) -> EvalTransform:
-        return EvalTransform(self.test_scale or self.scale)
+        return EvalTransform(self.test_scale or self.scale, size_divisor=self.test_size_divisor)
 
 
 def padded_size(sizes: Sequence[Sequence[int]], divisor: int = 1) -> tuple[int, int]:

@@ -8,6 +8,10 @@ scored on rank 0 and the scores broadcast back, so every process logs the same n
 Scoring runs faster-coco-eval's C++ COCOeval on the pycocotools index's ground truth: the same
 figures as pycocotools' Python COCOeval (tests/evaluation/test_coco_eval.py compares them),
 without rank 0's Python loops over images and categories keeping every GPU waiting.
+
+Mask AP needs a usable mask (polygons of at least three points, or RLE) for every ground-truth
+instance. Instances without one are named in one warning (the first few annotation ids and
+files, and their count) and left out of the mask scoring; the rest is scored.
 """
 
 from __future__ import annotations
@@ -145,10 +149,55 @@ def coco_evaluate(
     return metrics, table.getvalue()
 
 
+def usable_segmentation(segmentation: Any) -> bool:
+    """Whether a COCO `segmentation` describes a mask: RLE (`counts` and `size`), or polygons,
+    each an even number (at least six) of finite coordinates."""
+    if isinstance(segmentation, dict):
+        return "counts" in segmentation and "size" in segmentation
+    if not isinstance(segmentation, list) or not segmentation:
+        return False
+    return all(
+        isinstance(polygon, list)
+        and len(polygon) >= 6
+        and len(polygon) % 2 == 0
+        and all(isinstance(v, int | float) and math.isfinite(v) for v in polygon)
+        for polygon in segmentation
+    )
+
+
+def instances_without_masks(coco_gt: COCO) -> list[dict[str, Any]]:
+    """The ground-truth annotations without a usable mask (`usable_segmentation`)."""
+    return [
+        ann
+        for ann in coco_gt.dataset.get("annotations", [])
+        if not usable_segmentation(ann.get("segmentation"))
+    ]
+
+
+def describe_instances(coco_gt: COCO, anns: Sequence[Mapping[str, Any]], limit: int = 5) -> str:
+    """`annotation <id> (<file>)` of the first `limit` of `anns`, and how many more."""
+    images = {image["id"]: image.get("file_name", "?") for image in coco_gt.dataset["images"]}
+    named = [f"annotation {a.get('id')} ({images.get(a.get('image_id'), '?')})" for a in anns]
+    more = len(named) - limit
+    return ", ".join(named[:limit]) + (f" and {more} more" if more > 0 else "")
+
+
+def without_annotations(coco_gt: COCO, anns: Sequence[Mapping[str, Any]]) -> COCO:
+    """A COCO index of `coco_gt`'s data set less `anns` (the records themselves are shared)."""
+    left_out = {id(a) for a in anns}
+    dataset = dict(coco_gt.dataset)
+    dataset["annotations"] = [a for a in coco_gt.dataset["annotations"] if id(a) not in left_out]
+    subset = COCO()
+    subset.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        subset.createIndex()
+    return subset
+
+
 def has_segmentations(coco_gt: COCO) -> bool:
-    """Whether every ground-truth instance carries a polygon or RLE (needed for mask AP)."""
+    """Whether every ground-truth instance carries a usable polygon or RLE."""
     anns = coco_gt.dataset.get("annotations", [])
-    return bool(anns) and all(a.get("segmentation") for a in anns)
+    return bool(anns) and not instances_without_masks(coco_gt)
 
 
 def _is_distributed() -> bool:
@@ -174,6 +223,30 @@ class CocoEvaluator:
         self.category_ids = np.asarray(category_ids, dtype=np.int64)
         self.results: dict[int, list[dict[str, Any]]] = {}
         self.with_masks = False  # whether the head predicts masks (even where it found nothing)
+        self._mask_ground_truth: COCO | None = None
+        self._masks_checked = False
+
+    def mask_ground_truth(self) -> COCO | None:
+        """The ground truth mask AP is scored on: every instance with a usable mask (those
+        without are named in a warning, once); None when no instance has one."""
+        if not self._masks_checked:
+            self._masks_checked = True
+            anns = self.coco_gt.dataset.get("annotations", [])
+            unusable = instances_without_masks(self.coco_gt)
+            if len(unusable) == len(anns):
+                log.warning("Mask AP skipped: no ground-truth instance has a usable mask")
+                return None
+            if unusable:
+                log.warning(
+                    "Mask AP is scored without %d ground-truth instance(s) that have no usable "
+                    "mask (polygons of at least three points, or RLE): %s",
+                    len(unusable),
+                    describe_instances(self.coco_gt, unusable),
+                )
+                self._mask_ground_truth = without_annotations(self.coco_gt, unusable)
+            else:
+                self._mask_ground_truth = self.coco_gt
+        return self._mask_ground_truth
 
     def reset(self) -> None:
         self.results = {}
@@ -236,10 +309,10 @@ class CocoEvaluator:
         metrics: dict[str, float] = {}
         tables = []
         for iou_type in iou_types:
-            if iou_type == "segm" and not has_segmentations(self.coco_gt):
-                log.warning("Mask AP skipped: the ground truth has instances without segmentation")
+            ground_truth = self.mask_ground_truth() if iou_type == "segm" else self.coco_gt
+            if ground_truth is None:
                 continue
-            scores, table = coco_evaluate(self.coco_gt, results, iou_type, per_image.keys())
+            scores, table = coco_evaluate(ground_truth, results, iou_type, per_image.keys())
             metrics.update(scores)
             tables.append(f"COCOeval {iou_type} ({len(per_image)} images):\n{table}")
         return metrics, "\n".join(tables)

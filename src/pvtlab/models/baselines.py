@@ -11,6 +11,12 @@
   ``vit_small_16`` is the same with 16 x 16 patches (the paper's Figure 6 curve).
 
 The ViT classes keep timm's VisionTransformer parameter names, so timm ViT-S weights load.
+
+The paper's CNN rows come from mmdetection's and mmsegmentation's standard baselines, whose
+ResNets freeze the stem and the first stage (`frozen_stages=1`) and keep BatchNorm in eval mode
+(`norm_eval=True`; DETR's R50 also freezes BatchNorm's affine parameters). `batch_norm_layer`
+gives timm the norm layer of each choice (timm's ResNets take `norm_layer`), and
+`freeze_stages` freezes the stem and the first stages of a built CNN.
 """
 
 from __future__ import annotations
@@ -30,9 +36,14 @@ from timm.models.vision_transformer import VisionTransformer
 from pvtlab.models.pvt import pretrained_cfg
 
 __all__ = [
+    "BATCH_NORM_MODES",
     "CNN_BACKBONES",
     "VIT_BACKBONES",
     "ColumnarViT",
+    "EvalModeBatchNorm2d",
+    "FixedBatchNorm2d",
+    "batch_norm_layer",
+    "freeze_stages",
     "pyramid_out_indices",
     "vit_checkpoint_filter_fn",
 ]
@@ -47,6 +58,66 @@ CNN_BACKBONES: dict[str, int] = {
     "gcresnet50t": 1,  # ResNet50-T with global-context blocks (paper Table 10's GC-ResNet50)
 }
 VIT_BACKBONES = ("vit_small_32", "vit_small_16")
+
+
+BATCH_NORM_MODES = ("train", "eval", "frozen")
+
+
+class EvalModeBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm that always normalises with its running statistics and never updates them,
+    while its scale and shift still learn (mmdetection's `norm_eval=True`). The state dict is
+    BatchNorm2d's, so ImageNet weights load unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
+
+
+class FixedBatchNorm2d(EvalModeBatchNorm2d):
+    """`EvalModeBatchNorm2d` whose scale and shift do not learn either (mmdetection's
+    `norm_cfg=dict(requires_grad=False)` with `norm_eval=True`, the DETR R50 baseline)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.weight.requires_grad_(False)
+        self.bias.requires_grad_(False)
+
+
+def batch_norm_layer(mode: str = "train") -> type[nn.Module]:
+    """The BatchNorm class for a CNN baseline, passed to timm as `norm_layer`.
+
+    `train`: BatchNorm2d (statistics from each batch; mmsegmentation's baselines). `eval`:
+    `EvalModeBatchNorm2d` (mmdetection's `norm_eval=True`). `frozen`: `FixedBatchNorm2d`,
+    statistics and affine parameters fixed (the DETR R50 baseline). All keep BatchNorm2d's
+    state dict, so ImageNet weights load strictly.
+    """
+    layers = {"train": nn.BatchNorm2d, "eval": EvalModeBatchNorm2d, "frozen": FixedBatchNorm2d}
+    if mode not in layers:
+        raise ValueError(f"batch norm mode {mode!r}; choose one of: {', '.join(BATCH_NORM_MODES)}")
+    return layers[mode]
+
+
+# Module-name prefixes of a timm ResNet's stem, then of its stages (features_only keeps the names).
+RESNET_STEM = ("conv1.", "bn1.")
+RESNET_STAGES = ("layer1.", "layer2.", "layer3.", "layer4.")
+
+
+def freeze_stages(model: nn.Module, frozen_stages: int) -> nn.Module:
+    """Stop the gradients of a timm ResNet's stem and its first `frozen_stages` stages
+    (mmdetection's `frozen_stages`; 0 freezes the stem only, -1 nothing). Returns `model`."""
+    if frozen_stages < 0:
+        return model
+    if frozen_stages > len(RESNET_STAGES):
+        raise ValueError(f"frozen_stages={frozen_stages}: a ResNet has {len(RESNET_STAGES)}")
+    prefixes = RESNET_STEM + RESNET_STAGES[:frozen_stages]
+    names = [name for name, _ in model.named_parameters()]
+    if not any(name.startswith(RESNET_STEM) for name in names):
+        raise ValueError("freeze_stages expects a timm ResNet (conv1, bn1, layer1..4)")
+    for name, param in model.named_parameters():
+        if name.startswith(prefixes):
+            param.requires_grad_(False)
+    return model
 
 
 def pyramid_out_indices(name: str, levels: Sequence[int]) -> tuple[int, ...]:

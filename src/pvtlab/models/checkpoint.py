@@ -1,12 +1,19 @@
 """Strict loading of released and pvtlab checkpoints.
 
-Accepted files (all read with ``torch.load(weights_only=True)``):
+Accepted files (``.safetensors`` read with safetensors, any other with
+``torch.load(weights_only=True)``):
 
 * a bare state dict, or one nested under ``model`` or ``state_dict`` (the released PVT files);
 * pvtlab's exported backbone files: ``torch.save(model.state_dict())`` of the full timm model;
 * Lightning ``.ckpt`` files of pvtlab runs: the network's weights under ``state_dict`` with the
   ``model.`` prefix of the LightningModule attribute (other entries of the module are ignored).
-  ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes are removed too.
+  ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes are removed too;
+* transformers' PVT (``save_pretrained``'s folder or its weights file), renamed to pvtlab's
+  names (:mod:`pvtlab.models.hf`), and timm's ``save_for_hf`` folder.
+
+The release's whole-model files (RetinaNet, Mask R-CNN, Semantic FPN) fill a whole network, not a
+backbone: :mod:`pvtlab.models.release_checkpoints` maps them (``load_from=``, ``ckpt_path=``), and
+:func:`load_checkpoint` refuses them with that advice.
 
 Loading is all-or-nothing: every key of the model must be filled with a tensor of its shape, and
 every key of the file must be used, except for two on-purpose cases:
@@ -33,6 +40,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from pvtlab.models import hf
+
 __all__ = [
     "CheckpointError",
     "LoadReport",
@@ -41,6 +50,7 @@ __all__ = [
     "read_state_dict",
     "unwrap_model",
     "validated_state_dict",
+    "write_state_dict",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -48,6 +58,7 @@ _logger = logging.getLogger(__name__)
 FilterFn = Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _LIGHTNING_PREFIX = "model."
+SAFETENSORS_SUFFIX = ".safetensors"
 
 
 class CheckpointError(ValueError):
@@ -112,19 +123,60 @@ def extract_state_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
 
 
 def read_state_dict(path: str | PathLike[str]) -> dict[str, torch.Tensor]:
-    """Load a checkpoint file with ``torch.load(weights_only=True)`` and return its state dict."""
+    """The state dict of a weights file: ``.safetensors`` read with safetensors, any other file
+    with ``torch.load(weights_only=True)``; a folder written by transformers' ``save_pretrained``
+    or timm's ``save_for_hf`` is read from its ``model.safetensors`` or ``pytorch_model.bin``.
+    transformers' PVT names are renamed to pvtlab's (:mod:`pvtlab.models.hf`)."""
     path = Path(path)
+    if path.is_dir():
+        path = hf.weights_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.suffix == SAFETENSORS_SUFFIX:
+        obj = _read_safetensors(path)
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types for files that are not checkpoints
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise CheckpointError(
+                f"{path} is not a PyTorch checkpoint that torch.load(weights_only=True) can read "
+                f"({type(err).__name__}: {reason[:200]}); expected a .pth/.ckpt/.safetensors "
+                "file holding a state dict"
+            ) from err
+    state_dict = extract_state_dict(obj, str(path))
+    if hf.is_transformers_layout(state_dict):
+        try:
+            state_dict, _ = hf.from_transformers(state_dict)
+        except ValueError as err:
+            raise CheckpointError(f"{path}: {err}") from err
+    return state_dict
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for files that are not checkpoints
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise CheckpointError(
-            f"{path} is not a PyTorch checkpoint that torch.load(weights_only=True) can read "
-            f"({type(err).__name__}: {reason[:200]}); expected a .pth/.ckpt file holding a state dict"
-        ) from err
-    return extract_state_dict(obj, str(path))
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path} is not a safetensors file ({err})") from err
+
+
+def write_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | PathLike[str]) -> Path:
+    """Write weights by the file's suffix: ``.safetensors`` with safetensors, any other with
+    ``torch.save``; :func:`read_state_dict` reads both back."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == SAFETENSORS_SUFFIX:
+        from safetensors.torch import save_file
+
+        # safetensors stores contiguous CPU tensors; the tag is what transformers and timm expect
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+        save_file(tensors, path, metadata={"format": "pt"})
+    else:
+        torch.save(dict(state_dict), path)
+    return path
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -196,6 +248,19 @@ def validated_state_dict(
     return loaded
 
 
+def _refuse_whole_release_model(state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    # Imported here: the release mapping imports the heads, which import this module.
+    from pvtlab.models.release_checkpoints import release_kind
+
+    kind = release_kind(state_dict)
+    if kind is not None:
+        raise CheckpointError(
+            f"{source} is the PVT release's whole {kind} checkpoint (backbone, neck and heads), "
+            f"not a backbone's: start a run from it with load_from=, or evaluate it with "
+            f"ckpt_path=, with head={kind}"
+        )
+
+
 def load_checkpoint(
     model: nn.Module,
     path: str | PathLike[str],
@@ -215,6 +280,7 @@ def load_checkpoint(
     net = unwrap_model(model)
     source = str(path)
     state_dict = read_state_dict(path)
+    _refuse_whole_release_model(state_dict, source)
     if filter_fn is not None:
         state_dict = filter_fn(state_dict, net)
     report = LoadReport(source)

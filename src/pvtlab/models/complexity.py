@@ -62,12 +62,19 @@ def count_macs(
     x = torch.randn(batch_size, *size, device=device)
     was_training = model.training
     model.eval()
+    # FlopCounterMode's module tracker hooks the gradient of every module input that requires
+    # one, which fails for a parameter passed into a submodule (DETR's queries): count frozen.
+    trainable = [p for p in model.parameters() if p.requires_grad]
     try:
         counter = FlopCounterMode(display=False, custom_mapping=_CUSTOM_FORMULAS)
+        for p in trainable:
+            p.requires_grad_(False)
         with torch.no_grad(), counter:
             model(x)
     finally:
         model.train(was_training)
+        for p in trainable:
+            p.requires_grad_(True)
     return counter.get_total_flops() // 2
 
 

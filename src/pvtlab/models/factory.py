@@ -13,6 +13,8 @@ import torch.nn as nn
 from pvtlab.models.baselines import (
     CNN_BACKBONES,
     VIT_BACKBONES,
+    batch_norm_layer,
+    freeze_stages,
     pyramid_out_indices,
     vit_checkpoint_filter_fn,
 )
@@ -57,6 +59,8 @@ def create_backbone(
     img_size: int | None = None,
     out_indices: tuple[int, ...] = (0, 1, 2, 3),
     channels_last: bool = False,
+    batch_norm: str | None = None,
+    frozen_stages: int = -1,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a backbone by timm name, optionally loading weights strictly from a file.
@@ -78,6 +82,10 @@ def create_backbone(
         out_indices: pyramid levels to return with `features_only`.
         channels_last: keep the weights in NHWC memory order, which makes PyTorch run every
             convolution channels-last (the CNN baselines' configs set it).
+        batch_norm: CNN baselines' BatchNorm, `train`, `eval` or `frozen`
+            (`pvtlab.models.baselines.batch_norm_layer`); None: timm's default.
+        frozen_stages: CNN baselines' stem and first stages without gradients
+            (`pvtlab.models.baselines.freeze_stages`); -1: none.
         kwargs: further ``timm.create_model`` arguments.
     """
     family = backbone_family(name)
@@ -86,6 +94,10 @@ def create_backbone(
         model_kwargs["drop_path_rate"] = float(drop_path_rate)
     if img_size is not None and family == "pvt":
         model_kwargs["img_size"] = img_size
+    if (batch_norm is not None or frozen_stages >= 0) and family != "cnn":
+        raise ValueError(f"batch_norm and frozen_stages apply to the CNN baselines, not {name!r}")
+    if batch_norm is not None:
+        model_kwargs["norm_layer"] = batch_norm_layer(batch_norm)
 
     if features_only:
         model = timm.create_model(
@@ -105,6 +117,7 @@ def create_backbone(
                 full = timm.create_model(name, **model_kwargs)
             droppable = set(full.state_dict()) - set(unwrap_model(model).state_dict())
         load_checkpoint(model, pretrained, filter_fn=_FILTERS[family], droppable=droppable)
+    freeze_stages(model, frozen_stages)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model

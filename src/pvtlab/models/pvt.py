@@ -84,7 +84,9 @@ def resize_pos_embed(
     The grid part is interpolated bilinearly (``align_corners=False``, as the release does);
     the first `num_prefix_tokens` entries (the class-token slot) are kept apart and unchanged.
     """
-    if tuple(src_size) == tuple(dst_size):
+    # Under torch.export the grid is symbolic: always resize (exact at the same size), so that
+    # one exported graph serves every input size instead of guarding on the stored one.
+    if not torch.compiler.is_exporting() and tuple(src_size) == tuple(dst_size):
         return pos_embed
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     C = grid.shape[-1]

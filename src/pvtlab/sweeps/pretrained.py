@@ -11,7 +11,10 @@ from pvtlab.config import ConfigError
 
 __all__ = ["check_pretrained"]
 
-_WEIGHTS_HINT = "a classification run's <run>/backbone.pth, a released pvt_*.pth or a pvtlab .ckpt"
+_WEIGHTS_HINT = (
+    "a classification run's <run>/backbone.pth, a released pvt_*.pth, a pvtlab .ckpt, a "
+    ".safetensors file or a transformers PVT folder"
+)
 
 
 def _choice(group: str) -> str | None:
@@ -31,7 +34,7 @@ def check_pretrained(cfg: DictConfig) -> None:
                 f"backbone.pretrained=<file> ({_WEIGHTS_HINT}); ablation=scratch trains without them."
             )
         return
-    if not Path(str(path)).is_file():
+    if not Path(str(path)).exists():  # a file, or a transformers / timm folder
         raise ConfigError(
             f"backbone.pretrained={path}: no such file. Expected {_WEIGHTS_HINT}; "
             "backbone.pretrained=null (or ablation=scratch) trains from scratch."

@@ -96,8 +96,15 @@ class DetectionTask(TaskModule):
 
     def _evaluate_batch(self, stage: str, batch: Batch) -> None:
         images, targets = batch
-        if len(images):  # every image of the batch was unreadable and skipped
-            self._evaluator(stage).update(self.model(list(images)), targets)
+        if not len(images):  # every image of the batch was unreadable and skipped
+            return
+        if getattr(self.model, "pastes_masks_at_size", False):
+            # Masks pasted at the original image size, as mmdetection scores them.
+            sizes = [tuple(int(s) for s in t["orig_size"]) for t in targets]
+            predictions = self.model(list(images), mask_sizes=sizes)
+        else:
+            predictions = self.model(list(images))
+        self._evaluator(stage).update(predictions, targets)
 
     def _evaluator(self, stage: str) -> CocoEvaluator:
         loaders = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders

@@ -1,18 +1,31 @@
 """Optimizer parameter groups and per-iteration learning-rate schedules shared by every task.
 
 Schedules are plain multiplicative factors of the base learning rate, evaluated per optimizer
-step, so one `LambdaLR` serves all recipes (cosine for ImageNet, step for COCO, poly for ADE20K)
-and its state resumes exactly from a checkpoint.
+step, so one `LambdaLR` serves all recipes (cosine for ImageNet, stepped per epoch as the
+release's timm scheduler; step for COCO; poly for ADE20K) and its state resumes exactly from a
+checkpoint.
+
+A recipe's schedule is fitted to a run of another length (`fit_schedule`), with one log line:
+a warm-up takes at most half the run, and step milestones scale with the run when the schedule
+names the length they were written for (`ScheduleSpec.epochs`); without it, milestones beyond
+the run are named as never firing.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
+
+# The largest share of a run that a warm-up may take; a longer one (a recipe's 5 epochs in a
+# 1-epoch run) is clipped to it, so that the run also trains at the schedule's own rates.
+WARMUP_LIMIT = 0.5
 
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:
@@ -31,22 +44,27 @@ def param_groups(
     weight_decay: float,
     lr_mults: Mapping[str, float] | None = None,
     extra_no_decay: Iterable[str] = (),
+    no_decay_1d: bool = True,
+    no_decay_module_lists: bool = True,
 ) -> list[dict]:
     """Split trainable parameters into optimizer groups.
 
-    No decay for 1-D tensors (biases, norm weights), for names a submodule lists in its
-    `no_weight_decay()` (position embeddings, class token) and for `extra_no_decay`.
+    No decay for 1-D tensors (biases, norm weights) with `no_decay_1d`, for names a submodule
+    lists in its `no_weight_decay()` (PVT: position embeddings, class token) with
+    `no_decay_module_lists`, and for the full parameter names in `extra_no_decay`.
     `lr_mults` maps a parameter-name prefix to a learning-rate multiplier (first match wins),
     e.g. ``{"backbone.": 0.1}`` for DETR's slower backbone.
     """
     lr_mults = dict(lr_mults or {})
-    skip = no_weight_decay_names(model) | set(extra_no_decay)
+    skip = set(extra_no_decay)
+    if no_decay_module_lists:
+        skip |= no_weight_decay_names(model)
     groups: dict[tuple[float, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         mult = next((m for prefix, m in lr_mults.items() if name.startswith(prefix)), 1.0)
-        decay = param.ndim > 1 and name not in skip
+        decay = not (no_decay_1d and param.ndim <= 1) and name not in skip
         key = (mult, decay)
         if key not in groups:
             groups[key] = {
@@ -69,14 +87,26 @@ def build_optimizer(
     momentum: float = 0.9,
     lr_mults: Mapping[str, float] | None = None,
     no_weight_decay: Iterable[str] = (),
+    no_weight_decay_1d: bool = True,
+    no_weight_decay_module_lists: bool = True,
     fused: bool = True,
 ) -> torch.optim.Optimizer:
     """AdamW or SGD over `param_groups(model, ...)`.
 
-    `fused`: one kernel updates every parameter (CPU and GPU). Off, the multi-tensor (foreach)
-    path is used.
+    `no_weight_decay`, `no_weight_decay_1d` and `no_weight_decay_module_lists` choose the
+    parameters without weight decay (`param_groups`' `extra_no_decay`, `no_decay_1d`,
+    `no_decay_module_lists`). `fused`: one kernel updates every parameter (CPU and GPU). Off,
+    the multi-tensor (foreach) path is used.
     """
-    groups = param_groups(model, lr, weight_decay, lr_mults, no_weight_decay)
+    groups = param_groups(
+        model,
+        lr,
+        weight_decay,
+        lr_mults,
+        no_weight_decay,
+        no_decay_1d=no_weight_decay_1d,
+        no_decay_module_lists=no_weight_decay_module_lists,
+    )
     implementation = {"fused": True} if fused else {"foreach": True}
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **implementation)
@@ -91,6 +121,15 @@ class ScheduleSpec:
 
     Epoch-denominated settings (`warmup_epochs`, `milestones`) are converted with the number of
     steps per epoch; step-denominated ones (`warmup_steps`) are used as they are.
+
+    `per_epoch`: the lr changes only at epoch boundaries, as timm's epoch-stepped schedulers
+    (the release's ImageNet recipe): epoch e trains at the schedule's value for epoch
+    e - `epoch_lag` (at least 0). The release calls `scheduler.step(epoch)` after each epoch,
+    so epoch e trains at the value for e - 1: `epoch_lag: 1`. Its warm-up starts from the
+    absolute `warmup_lr` (the lr at epoch 0) and rises linearly to the base lr over
+    `warmup_epochs`; the cosine runs from the base lr at epoch 0 (not after warm-up) to the
+    absolute floor `min_lr` at the last epoch. `warmup_lr` and `min_lr`, when set, replace
+    `warmup_factor` and `min_factor` and hold whatever the base lr is (scaled by batch or not).
     """
 
     name: str = "cosine"  # cosine | step | poly | constant
@@ -101,20 +140,67 @@ class ScheduleSpec:
     milestones: tuple[float, ...] = ()  # epochs at which a step schedule multiplies by gamma
     gamma: float = 0.1
     power: float = 0.9
+    per_epoch: bool = False
+    epoch_lag: int = 0
+    warmup_lr: float | None = None  # absolute lr at the start of warm-up (per_epoch cosine)
+    min_lr: float | None = None  # absolute floor of the per_epoch cosine
+    # The run length (epochs) the milestones were written for, the recipe's: a run of another
+    # length scales them by its own length over this. None: they stay where they are.
+    epochs: float | None = None
+
+
+@dataclass(frozen=True)
+class FittedSchedule:
+    """A schedule's warm-up and milestones in optimizer steps of one run, and what changed."""
+
+    warmup: int
+    milestones: tuple[int, ...]
+    changes: tuple[str, ...] = ()
+
+
+def fit_schedule(spec: ScheduleSpec, total_steps: int, steps_per_epoch: float) -> FittedSchedule:
+    """Warm-up and milestones of `spec` in steps of a run of `total_steps` (module docstring)."""
+    total = max(1, int(total_steps))
+    changes = []
+    warmup = max(int(spec.warmup_steps), round(spec.warmup_epochs * steps_per_epoch))
+    limit = int(WARMUP_LIMIT * total)
+    if warmup > limit:
+        changes.append(f"warm-up {warmup} -> {limit} steps (at most half the run)")
+        warmup = limit
+    milestones = tuple(float(m) for m in spec.milestones)
+    run_epochs = total / steps_per_epoch if steps_per_epoch > 0 else 0.0
+    if spec.name == "step" and milestones:
+        scale = run_epochs / float(spec.epochs) if spec.epochs else 1.0
+        if not math.isclose(scale, 1.0, rel_tol=1e-6):
+            scaled = tuple(m * scale for m in milestones)
+            changes.append(
+                f"milestones at epochs {[round(m, 2) for m in milestones]} -> "
+                f"{[round(m, 2) for m in scaled]} (x{scale:.3g}: a {run_epochs:.3g}-epoch run "
+                f"of a {spec.epochs:g}-epoch schedule)"
+            )
+            milestones = scaled
+        beyond = [round(m, 2) for m in milestones if m * steps_per_epoch >= total]
+        if beyond:
+            changes.append(
+                f"milestones at epochs {beyond} lie beyond this {run_epochs:.3g}-epoch run and "
+                "never fire (scheduler.epochs, the run length they were written for, scales them)"
+            )
+    steps = tuple(sorted(round(m * steps_per_epoch) for m in milestones))
+    return FittedSchedule(warmup, steps, tuple(changes))
 
 
 def lr_factor_fn(
     spec: ScheduleSpec, total_steps: int, steps_per_epoch: float
 ) -> Callable[[int], float]:
-    """The multiplicative lr factor at each optimizer step (0-based)."""
+    """The multiplicative lr factor at each optimizer step (0-based), for a schedule that is not
+    `per_epoch` (see `epoch_lr_fn` for that)."""
     if spec.name not in {"cosine", "step", "poly", "constant"}:
         raise ValueError(
             f"scheduler.name={spec.name!r} is not supported; choose one of: cosine, step, poly, constant"
         )
     total = max(1, int(total_steps))
-    warmup = max(int(spec.warmup_steps), round(spec.warmup_epochs * steps_per_epoch))
-    warmup = min(warmup, total - 1) if total > 1 else 0
-    milestones = sorted(round(m * steps_per_epoch) for m in spec.milestones)
+    fitted = fit_schedule(spec, total, steps_per_epoch)
+    warmup, milestones = fitted.warmup, fitted.milestones
 
     def main_factor(step: int) -> float:
         if spec.name == "cosine":
@@ -140,9 +226,50 @@ def lr_factor_fn(
     return factor
 
 
+def epoch_lr_fn(
+    spec: ScheduleSpec, total_epochs: int, steps_per_epoch: float
+) -> Callable[[int, float], float]:
+    """The lr at each optimizer step (0-based) of a `per_epoch` cosine, given the base lr:
+    timm's `CosineLRScheduler` as the release's ImageNet loop steps it (see `ScheduleSpec`)."""
+    if spec.name != "cosine":
+        raise ValueError(f"per_epoch schedules support scheduler.name=cosine, not {spec.name!r}")
+    epochs = max(1, int(total_epochs))
+    warmup_epochs = min(int(spec.warmup_epochs), int(WARMUP_LIMIT * epochs))
+
+    def lr_at(step: int, base_lr: float) -> float:
+        warmup_lr = spec.warmup_lr if spec.warmup_lr is not None else spec.warmup_factor * base_lr
+        min_lr = spec.min_lr if spec.min_lr is not None else spec.min_factor * base_lr
+        epoch = max(0, int(step // steps_per_epoch) - spec.epoch_lag)
+        if epoch < warmup_epochs:
+            return warmup_lr + epoch * (base_lr - warmup_lr) / warmup_epochs
+        progress = min(1.0, epoch / epochs)
+        return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+    return lr_at
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, spec: ScheduleSpec, total_steps: int, steps_per_epoch: float
 ) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step `LambdaLR` of `spec` over a run of `total_steps`; one log line when the
+    schedule is fitted to the run's length (`fit_schedule`)."""
+    changes = fit_schedule(spec, total_steps, steps_per_epoch).changes
+    if changes:
+        log.warning("Schedule fitted to this run of %d steps: %s", total_steps, "; ".join(changes))
+    if not spec.per_epoch:
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_factor_fn(spec, total_steps, steps_per_epoch)
+        )
+    total_epochs = round(total_steps / steps_per_epoch) if steps_per_epoch else 1
+    lr_at = epoch_lr_fn(spec, total_epochs, steps_per_epoch)
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+
+    def group_factor(group: dict) -> Callable[[int], float]:
+        # Reads the group's base lr at each step, so that the absolute warm-up start and floor
+        # hold after a later rescaling of the base lr (ClassificationTask's batch scaling).
+        return lambda step: lr_at(step, group["initial_lr"]) / group["initial_lr"]
+
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_factor_fn(spec, total_steps, steps_per_epoch)
+        optimizer, [group_factor(group) for group in optimizer.param_groups]
     )

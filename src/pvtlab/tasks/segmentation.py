@@ -236,7 +236,8 @@ class SegmentationTask(TaskModule):
 
     def class_names(self) -> tuple[str, ...]:
         datamodule = getattr(self.trainer, "datamodule", None)
-        names = tuple(getattr(datamodule, "class_names", ()) or ())
+        model_names = (self.hparams.model_config or {}).get("class_names")
+        names = tuple(model_names or getattr(datamodule, "class_names", ()) or ())
         return (
             names
             if len(names) == self.num_classes

@@ -1,6 +1,7 @@
 """Semantic FPN (Kirillov et al., Panoptic FPN's semantic branch), as PVT uses it on ADE20K.
 
-The four pyramid maps go through torchvision's FPN at 256 channels. Each FPN level is brought to
+The four pyramid maps go through torchvision's FPN at 256 channels, its convolutions initialised
+xavier-uniform as mmsegmentation's FPN (the release's). Each FPN level is brought to
 the finest stride (4) by max(1, log2(stride / 4)) steps of 3x3 conv (128 channels) - norm - ReLU,
 each followed by a 2x bilinear upsampling unless the level is already at stride 4; the levels are
 summed, dropped out (0.1), classified by a 1x1 conv and upsampled to the input size.
@@ -121,6 +122,8 @@ class SemanticFPN(nn.Module):
         head_channels: scale-branch width (128).
         norm: norm of the head's convolutions (`bn`, `gn`, `none`).
         dropout: channel dropout before the classifier (0.1).
+        fpn_init: `xavier_uniform` (release) or `kaiming_uniform` (torchvision), see
+            `BackboneWithFPN`.
     """
 
     def __init__(
@@ -131,11 +134,14 @@ class SemanticFPN(nn.Module):
         head_channels: int = 128,
         norm: str = "bn",
         dropout: float = 0.1,
+        fpn_init: str = "xavier_uniform",
     ) -> None:
         super().__init__()
         backbone = pyramid_backbone(backbone)
         stages = tuple(range(len(backbone.feature_info.channels())))
-        self.backbone = BackboneWithFPN(backbone, stages, out_channels=fpn_channels)
+        self.backbone = BackboneWithFPN(
+            backbone, stages, out_channels=fpn_channels, conv_init=fpn_init
+        )
         self.head = SemanticFPNHead(
             fpn_channels, self.backbone.strides, num_classes, head_channels, norm, dropout
         )

@@ -218,7 +218,8 @@ class Trans2SegHead(nn.Module):
     def position_embedding(self, height: int, width: int) -> Tensor:
         """`(1, H*W, C)`: the stored grid, resized bilinearly when the token grid differs."""
         pos = self.pos_embed
-        if pos.shape[-2:] != (height, width):
+        # Always resized under torch.export (exact at the same size): one graph for every size.
+        if torch.compiler.is_exporting() or pos.shape[-2:] != (height, width):
             pos = F.interpolate(pos, size=(height, width), mode="bilinear", align_corners=False)
         return pos.flatten(2).transpose(1, 2)
 

@@ -1,9 +1,12 @@
-"""Export a classification checkpoint's backbone for `backbone.pretrained=`.
+"""A classification checkpoint's backbone weights, for `backbone.pretrained=`.
 
     python -m pvtlab.export outputs/classification/runs/<run>/checkpoints/last.ckpt [OUT] [--ema]
 
 The output is a plain state dict of the timm classification model, the layout of the released
-pvt_*.pth files, which detection and segmentation load with ``backbone.pretrained=OUT``.
+pvt_*.pth files, which detection and segmentation load with ``backbone.pretrained=OUT``. (A
+classification run writes it by itself, as ``<run>/backbone.pth``, unless
+``task.export_backbone=false``.) To export a whole network for deployment, use
+``python src/export.py`` (`pvtlab.export.export_checkpoint`).
 """
 
 from __future__ import annotations
@@ -34,7 +37,3 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (OSError, ValueError) as error:
         parser.exit(1, f"error: {error}\n")
     print(f"Backbone weights: {path}\nUse them with backbone.pretrained={path}")
-
-
-if __name__ == "__main__":
-    main()

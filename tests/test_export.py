@@ -1,0 +1,174 @@
+"""`src/export.py`: a checkpoint's network to ONNX, TorchScript and torch.export files, each run
+again on two input sizes and checked against PyTorch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from pvtlab import pipeline
+from pvtlab.export import (
+    FORMATS,
+    ExportError,
+    ValidationError,
+    export_checkpoint,
+    export_graph,
+    load_network,
+)
+from pvtlab.export.validation import validate
+from tests.conftest import REPO, compose_config
+
+TINY_BACKBONE = [
+    "+backbone.depths=[1,1,1,1]",
+    "+backbone.embed_dims=[16,32,48,64]",
+    "+backbone.num_heads=[1,1,1,1]",
+    "backbone.img_size=64",
+]
+TINY_HEADS = {
+    "classifier": ["task=classification"],
+    "semantic_fpn": [
+        "task=segmentation",
+        "head=semantic_fpn",
+        "head.fpn_channels=16",
+        "head.head_channels=16",
+    ],
+    "retinanet": ["task=detection", "head=retinanet", "head.fpn_channels=16"],
+    "detr": [
+        "task=detection",
+        "head=detr",
+        "head.hidden_dim=32",
+        "head.num_heads=2",
+        "head.num_encoder_layers=1",
+        "head.num_decoder_layers=1",
+        "head.ffn_dim=32",
+        "head.num_queries=8",
+    ],
+    "mask_rcnn": ["task=detection", "head=mask_rcnn", "head.fpn_channels=16"],
+}
+IMAGE_SIZE = (64, 64)
+
+
+def write_checkpoint(overrides: list[str], directory: Path) -> Path:
+    """A checkpoint as a pvtlab run writes it: the task's tensors and its model description."""
+    cfg = compose_config(overrides, output_dir=directory / "run", data_dir=directory / "data")
+    task = pipeline.build_task(cfg)
+    path = directory / "checkpoints" / "last.ckpt"
+    path.parent.mkdir(parents=True)
+    torch.save(
+        {
+            "state_dict": task.state_dict(),
+            "hyper_parameters": {"model_config": task.hparams.model_config},
+        },
+        path,
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """`checkpoint(head)`: a tiny checkpoint of that head, written once per module."""
+    written: dict[str, Path] = {}
+
+    def get(head: str) -> Path:
+        if head not in written:
+            directory = tmp_path_factory.mktemp(head)
+            written[head] = write_checkpoint([*TINY_HEADS[head], *TINY_BACKBONE], directory)
+        return written[head]
+
+    return get
+
+
+def check_export(ckpt: Path, fmt: str, tmp_path: Path) -> None:
+    output = tmp_path / f"model{FORMATS[fmt].suffix}"
+    result = export_checkpoint(ckpt, fmt, output, image_size=IMAGE_SIZE)
+    assert result.path == output and output.is_file()
+    shapes = {c.input_shape for c in result.comparisons}
+    # dynamic batch, height and width: two batch sizes and two image sizes, both checked
+    assert shapes == {(1, 3, 64, 64), (3, 3, 96, 128)}
+    assert {c.output for c in result.comparisons} == set(result.output_names)
+    assert all(c.passed and c.max_abs_diff < 1e-3 for c in result.comparisons)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("head", ["classifier", "semantic_fpn"])
+def test_every_format_validates_on_two_sizes(
+    head: str, fmt: str, checkpoint: Callable[[str], Path], tmp_path: Path
+) -> None:
+    check_export(checkpoint(head), fmt, tmp_path)
+
+
+@pytest.mark.slow
+def test_detectors_export_to_onnx(checkpoint: Callable[[str], Path], tmp_path: Path) -> None:
+    for head in ("retinanet", "detr"):
+        check_export(checkpoint(head), "onnx", tmp_path / head)
+
+
+def test_mask_rcnn_is_refused_with_the_reason(
+    checkpoint: Callable[[str], Path], tmp_path: Path
+) -> None:
+    with pytest.raises(ExportError, match=r"Mask R-CNN cannot be exported: .* NMS keeps"):
+        export_checkpoint(checkpoint("mask_rcnn"), "onnx", tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_outputs_beyond_the_tolerance_fail_loudly(checkpoint: Callable[[str], Path]) -> None:
+    network, description = load_network(checkpoint("classifier"))
+    graph = export_graph(network, description)
+    images = [torch.randn(2, 3, 64, 64)]
+
+    def off_by_a_little(images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(out + 1e-2 for out in graph(images))
+
+    with pytest.raises(ValidationError, match=r"logits +max \|diff\| 1\.000e-02 +FAILED"):
+        validate(off_by_a_little, graph, images, graph.output_names, atol=1e-4, rtol=1e-3)
+    passed = validate(graph, graph, images, graph.output_names, atol=1e-4, rtol=1e-3)
+    assert [c.max_abs_diff for c in passed] == [0.0]
+
+
+def test_retinanet_candidates_hold_the_models_best_detection(tmp_path: Path) -> None:
+    """The best-scoring candidate (anchor and class) is RetinaNet's own first detection: no
+    threshold, top-k or NMS removes it, so it checks the exported scores, boxes and their order."""
+    overrides = [*TINY_HEADS["retinanet"], *TINY_BACKBONE, "head.score_thresh=0.0"]
+    network, description = load_network(write_checkpoint(overrides, tmp_path))
+    images = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        detections = network(list(images))
+        scores, boxes = export_graph(network, description)(images)
+    for image_scores, image_boxes, expected in zip(scores, boxes, detections, strict=True):
+        best = expected["scores"].argmax()
+        anchor, label = divmod(int(image_scores.argmax()), image_scores.shape[-1])
+        torch.testing.assert_close(image_scores[anchor, label], expected["scores"][best])
+        torch.testing.assert_close(image_boxes[anchor], expected["boxes"][best])
+        assert label == int(expected["labels"][best])
+
+
+def test_command_line_writes_beside_the_checkpoint(
+    checkpoint: Callable[[str], Path], tmp_path: Path
+) -> None:
+    ckpt = checkpoint("classifier")
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "src" / "export.py"),
+            f"ckpt_path={ckpt}",
+            "format=torchscript",
+            "image_size=[64,64]",
+            f"paths.log_dir={tmp_path / 'outputs'}",
+        ],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    written = ckpt.parent / "last.torchscript.pt"
+    assert written.is_file()
+    assert "input 3x3x96x128  logits  max |diff|" in result.stdout
+    assert f"Exported: {written}" in result.stdout
