@@ -46,6 +46,7 @@ __all__ = [
     "CheckpointError",
     "LoadReport",
     "extract_state_dict",
+    "key_problem_lines",
     "load_checkpoint",
     "read_state_dict",
     "unwrap_model",
@@ -233,19 +234,26 @@ def validated_state_dict(
 
     if missing or unexpected or mismatched:
         lines = [f"cannot load {source} into {type(model).__name__} strictly:"]
-        for title, items in (
+        lines += key_problem_lines(
             ("missing from the file", missing),
             ("unexpected in the file", unexpected),
             ("shape mismatch", mismatched),
-        ):
-            if items:
-                lines.append(f"  {title} ({len(items)}):")
-                lines.extend(f"    {item}" for item in items)
+        )
         raise CheckpointError("\n".join(lines))
 
     loaded = {k: v for k, v in sd.items() if k in expected}
     report.loaded = sorted(loaded)
     return loaded
+
+
+def key_problem_lines(*sections: tuple[str, list[str]]) -> list[str]:
+    """The lines of a strict-loading error: each non-empty section's title, count and keys."""
+    lines: list[str] = []
+    for title, items in sections:
+        if items:
+            lines.append(f"  {title} ({len(items)}):")
+            lines.extend(f"    {item}" for item in items)
+    return lines
 
 
 def _refuse_whole_release_model(state_dict: Mapping[str, torch.Tensor], source: str) -> None:

@@ -59,7 +59,13 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN, RetinaNet
 
-from pvtlab.models.checkpoint import CheckpointError, LoadReport, read_state_dict, unwrap_model
+from pvtlab.models.checkpoint import (
+    CheckpointError,
+    LoadReport,
+    key_problem_lines,
+    read_state_dict,
+    unwrap_model,
+)
 from pvtlab.models.heads.semantic_fpn import SemanticFPN
 from pvtlab.models.pvt import checkpoint_filter_fn as pvt_checkpoint_filter_fn
 
@@ -380,14 +386,11 @@ def convert_release_state_dict(
                 f"  the file's PVT has depths {file_depths}, the network's backbone "
                 f"{own_depths}" + (f" (backbone={name})" if name else "")
             )
-        for title, items in (
+        lines += key_problem_lines(
             ("in the file with no counterpart in the network", unexpected),
             ("shape mismatch", mismatched),
             ("missing from the file", missing),
-        ):
-            if items:
-                lines.append(f"  {title} ({len(items)}):")
-                lines.extend(f"    {item}" for item in items)
+        )
         raise CheckpointError("\n".join(lines))
     return {k: v.to(expected[k].dtype) for k, v in converted.items()}
 
