@@ -292,3 +292,19 @@ def test_an_older_checkpoint_predicts_with_defaults_and_says_so(
     assert all(name.startswith("class_") for name in result["names"])
     # The kind's default: the ImageNet evaluation crop.
     assert predictor.transform(Image.new("RGB", (64, 64))).shape == (3, 224, 224)
+
+
+def test_a_checkpoint_rebuilds_where_its_pretrained_file_is_missing(
+    trained: Trained, tmp_path: Path
+) -> None:
+    # A run started from backbone.pretrained=<file> records that file; the checkpoint holds
+    # every weight, so evaluation, prediction and export elsewhere must not read it.
+    checkpoint = torch.load(trained.ckpt, map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"]["model_config"]["backbone"]["pretrained"] = str(
+        tmp_path / "gone" / "pvt_tiny.pth"
+    )
+    moved = tmp_path / "moved.ckpt"
+    torch.save(checkpoint, moved)
+    rebuilt = pipeline.task_from_checkpoint(moved)
+    for name, value in trained.task.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[name], value), name

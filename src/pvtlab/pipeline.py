@@ -139,6 +139,13 @@ def _pretrained_classifier_rows(cfg: DictConfig) -> int | None:
     return None if weight is None else int(weight.shape[0])
 
 
+def checkpoint_description(description: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's network description, to rebuild the network its weights then fill: the
+    run's pre-trained file (`backbone.pretrained`) is left out, since the checkpoint holds every
+    weight and that file may not exist where the checkpoint is used."""
+    return {**description, "backbone": {**description["backbone"], "pretrained": None}}
+
+
 def match_data_classes(datamodule: Any, description: Mapping[str, Any]) -> None:
     """Evaluation: label the data's classes with the model's (by name, see
     `pvtlab.data.classes.label_mapping`), so a trained head is scored as it is."""
@@ -332,6 +339,8 @@ def load_task(cfg: DictConfig, ckpt_path: str | Path, datamodule: Any | None = N
         log.warning(
             "%s carries no model description; building the model from the config", ckpt_path
         )
+    if description is not None:
+        description = checkpoint_description(description)
     task = build_task(cfg, description, datamodule)
     missing, unexpected = task.load_state_dict(checkpoint["state_dict"], strict=False)
     if missing or unexpected:
@@ -372,7 +381,8 @@ def task_from_checkpoint(ckpt_path: str | Path) -> TaskModule:
     task_type = get_class(TASK_CLASSES[kind])
     accepted = inspect.signature(task_type).parameters
     settings = {k: v for k, v in hyper_parameters.items() if k in accepted and k != "model"}
-    model = build_model(description["backbone"], description["head"], description["num_classes"])
+    rebuilt = checkpoint_description(description)
+    model = build_model(rebuilt["backbone"], rebuilt["head"], rebuilt["num_classes"])
     task = task_type(model=model, **settings)
     missing, unexpected = task.load_state_dict(checkpoint["state_dict"], strict=False)
     if missing or unexpected:

@@ -15,7 +15,7 @@ from pvtlab.config import ConfigError
 from pvtlab.export.formats import FORMATS
 from pvtlab.export.graphs import SIZE_DIVISOR, export_graph
 from pvtlab.export.validation import Comparison, validate
-from pvtlab.pipeline import build_model, read_training_checkpoint
+from pvtlab.pipeline import build_model, checkpoint_description, read_training_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +37,8 @@ def load_network(ckpt_path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
             f"{ckpt_path} carries no model description (hyper_parameters.model_config): only "
             "checkpoints of pvtlab runs can be exported"
         )
-    # The checkpoint holds every weight: the training run's pre-trained file is not needed.
-    backbone = {**description["backbone"], "pretrained": None}
-    network = build_model(backbone, description["head"], description["num_classes"])
+    rebuilt = checkpoint_description(description)
+    network = build_model(rebuilt["backbone"], rebuilt["head"], rebuilt["num_classes"])
     state = {
         key.removeprefix("model."): value
         for key, value in checkpoint["state_dict"].items()
