@@ -3,7 +3,7 @@
 
     python benchmarks/benchmark.py                                    # the default smoke set
     python benchmarks/benchmark.py --models pvt_small detection/retinanet/pvt_small \\
-        --batch-size 32 --img-size 224 --precision bf16 --compile --override data=coco
+        --batch-size 32 --img-size 224 --precision bf16 --compile --override data=coco data.num_classes=80
 
 A model is either a timm name (a backbone with its own classifier, built by
 ``timm.create_model`` after ``import pvtlab``) or ``task/head/backbone``: the whole task model
