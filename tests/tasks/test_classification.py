@@ -205,6 +205,29 @@ def test_lr_follows_the_linear_scaling_rule(tmp_path: Path) -> None:
     assert trainer.lr_scheduler_configs[0].interval == "step"
 
 
+def test_a_scaled_lr_still_starts_at_the_absolute_warmup_start(tmp_path: Path) -> None:
+    # The release's schedule warms up from 1e-6 whatever the batch: the batch rule scales the
+    # base lr before the schedule is built, never the first step's value.
+    scheduler = {
+        "name": "cosine",
+        "per_epoch": True,
+        "epoch_lag": 1,
+        "warmup_epochs": 1,
+        "warmup_lr": 1e-6,
+        "min_lr": 1e-5,
+    }
+    task = tiny_task(lr_base_batch_size=2, scheduler=scheduler)  # a global batch of 4: x2
+    seen: list[float] = []
+
+    class FirstLr(L.Callback):
+        def on_train_batch_start(self, trainer: L.Trainer, *_: Any) -> None:
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    fit(task, tmp_path, epochs=2, limit_val_batches=0, callbacks=[FirstLr()])
+    assert seen[0] == pytest.approx(1e-6)
+    assert task.trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(5e-4 * 2)
+
+
 def test_drop_path_is_off_during_its_warmup(tmp_path: Path) -> None:
     seen: list[list[float]] = []
 

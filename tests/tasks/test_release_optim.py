@@ -71,24 +71,19 @@ def _timm_cosine(
 def test_imagenet_cosine_steps_per_epoch_from_absolute_bounds(base_lr: float) -> None:
     """10 epochs of 4 steps: constant within an epoch; epoch e at timm's value for e - 1 (the
     release's loop steps the scheduler after each epoch); warm-up from 1e-6 and floor 1e-5
-    whatever the base lr, also after the base lr is rescaled (ClassificationTask's batch rule)."""
+    whatever the base lr, the first step included."""
     spec = ScheduleSpec(
         name="cosine", per_epoch=True, epoch_lag=1, warmup_epochs=3, warmup_lr=1e-6, min_lr=1e-5
     )
     parameter = nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.AdamW([parameter], lr=base_lr / 2)
+    optimizer = torch.optim.AdamW([parameter], lr=base_lr)
     scheduler = build_scheduler(optimizer, spec, total_steps=40, steps_per_epoch=4)
-    for group in optimizer.param_groups:  # as ClassificationTask scales by the global batch
-        group["lr"] *= 2
-        group["initial_lr"] *= 2
-    scheduler.base_lrs = [lr * 2 for lr in scheduler.base_lrs]
-    seen = []
-    for _ in range(40):
+    lrs = [optimizer.param_groups[0]["lr"]]  # the lr each step 0..39 trains at
+    for _ in range(39):
         optimizer.step()
         scheduler.step()
-        seen.append(optimizer.param_groups[0]["lr"])
-    lrs = [None, *seen[:-1]]  # the lr each step 1..39 trained at
-    for step in range(1, 40):
+        lrs.append(optimizer.param_groups[0]["lr"])
+    for step in range(40):
         epoch = step // 4
         expected = _timm_cosine(max(epoch - 1, 0), base_lr, 10, 3, 1e-6, 1e-5)
         assert lrs[step] == pytest.approx(expected, rel=1e-9), step

@@ -61,15 +61,25 @@ class TaskModule(L.LightningModule):
         # Plain values only: checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["model"])
 
+    def lr_scale(self) -> float:
+        """Factor on `optimizer.lr` for this run (1: none); a task with a batch-size rule
+        overrides it. Applied before the schedule is built, so the schedule's absolute values
+        (a warm-up start, a floor) hold from the first step."""
+        return 1.0
+
     def configure_optimizers(self) -> dict[str, Any]:
+        # First: it sets up the training loader, whose batch size `lr_scale` may read.
+        total_steps = int(self.trainer.estimated_stepping_batches)
         arguments = dict(self.hparams.optimizer or {})
+        scale = self.lr_scale()
+        if scale != 1.0:
+            arguments["lr"] = arguments["lr"] * scale
         if self.trainer.gradient_clip_val and scales_the_loss(self.trainer):
             # A fused optimizer unscales fp16's gradients inside step(), after the clipping
             # would have run, so Lightning refuses that pair; the multi-tensor path clips as usual.
             arguments["fused"] = False
         optimizer = build_optimizer(self.model, **arguments)
         spec = ScheduleSpec(**_tuples(self.hparams.scheduler or {}))
-        total_steps = int(self.trainer.estimated_stepping_batches)
         max_epochs = self.trainer.max_epochs if self.trainer.max_epochs not in (None, -1) else None
         steps_per_epoch = total_steps / max_epochs if max_epochs else float(total_steps)
         scheduler = build_scheduler(optimizer, spec, total_steps, steps_per_epoch)

@@ -134,23 +134,14 @@ class ClassificationTask(TaskModule):
 
     # ------------------------------------------------------------------ optimizer and schedule
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        config = super().configure_optimizers()
-        scale = self.lr_scale()
-        if scale != 1.0:
-            # Linear scaling rule (DeiT): lr x global batch / lr_base_batch_size.
-            optimizer = config["optimizer"]
-            scheduler = config["lr_scheduler"]["scheduler"]
-            for group in optimizer.param_groups:
-                group["lr"] *= scale
-                group["initial_lr"] *= scale
-            scheduler.base_lrs = [lr * scale for lr in scheduler.base_lrs]
-            log.info("Learning rate scaled by %.4g for a global batch of %d", scale, self._batch())
-        return config
-
     def lr_scale(self) -> float:
+        """The linear scaling rule (DeiT): global batch / `lr_base_batch_size`."""
         base = self.hparams.lr_base_batch_size
-        return self._batch() / base if base else 1.0
+        if not base:
+            return 1.0
+        scale = self._batch() / base
+        log.info("Learning rate scaled by %.4g for a global batch of %d", scale, self._batch())
+        return scale
 
     def _batch(self) -> int:
         """Global batch size: per-process batch x processes x accumulated batches."""
