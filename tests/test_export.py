@@ -134,6 +134,7 @@ def test_outputs_beyond_the_tolerance_fail_loudly(checkpoint: Callable[[str], Pa
 def test_retinanet_candidates_hold_the_models_best_detection(tmp_path: Path) -> None:
     """The best-scoring candidate (anchor and class) is RetinaNet's own first detection: no
     threshold, top-k or NMS removes it, so it checks the exported scores, boxes and their order."""
+    torch.manual_seed(0)
     overrides = [*TINY_HEADS["retinanet"], *TINY_BACKBONE, "head.score_thresh=0.0"]
     network, description = load_network(write_checkpoint(overrides, tmp_path))
     images = torch.randn(2, 3, 64, 96)
@@ -142,10 +143,17 @@ def test_retinanet_candidates_hold_the_models_best_detection(tmp_path: Path) -> 
         scores, boxes = export_graph(network, description)(images)
     for image_scores, image_boxes, expected in zip(scores, boxes, detections, strict=True):
         best = expected["scores"].argmax()
-        anchor, label = divmod(int(image_scores.argmax()), image_scores.shape[-1])
-        torch.testing.assert_close(image_scores[anchor, label], expected["scores"][best])
-        torch.testing.assert_close(image_boxes[anchor], expected["boxes"][best])
-        assert label == int(expected["labels"][best])
+        score, box, label = (
+            expected["scores"][best],
+            expected["boxes"][best],
+            expected["labels"][best],
+        )
+        torch.testing.assert_close(image_scores.max(), score)
+        # An untrained head scores many candidates almost alike, so the best one is found by its
+        # score, class and box together: the anchor holding them all is the model's detection.
+        same_score = torch.isclose(image_scores[:, int(label)], score, rtol=1e-5, atol=0.0)
+        same_box = torch.isclose(image_boxes, box, rtol=0.0, atol=1e-4).all(dim=1)
+        assert (same_score & same_box).any(), (score, box, label)
 
 
 def test_command_line_writes_beside_the_checkpoint(
