@@ -3,10 +3,12 @@
 import hydra
 from omegaconf import DictConfig
 
+from pvtlab.console import entry_point
 from pvtlab.export import export_checkpoint
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@entry_point
 def main(cfg: DictConfig) -> None:
     result = export_checkpoint(
         cfg.ckpt_path,

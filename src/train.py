@@ -5,9 +5,11 @@ from omegaconf import DictConfig
 
 from pvtlab import pipeline
 from pvtlab.config import task_class
+from pvtlab.console import entry_point
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@entry_point
 def main(cfg: DictConfig) -> float | None:
     metrics = pipeline.train(cfg)
     # A value for hyperparameter sweepers (Optuna): the metric named by `optimized_metric`,

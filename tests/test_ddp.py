@@ -56,7 +56,7 @@ def test_ddp_cpu_run_trains_evaluates_and_reduces_over_ranks(
         *TINY_BACKBONE,
         "trainer=ddp_cpu",
         "trainer.max_epochs=1",
-        "+trainer.limit_train_batches=2",
+        "trainer.limit_train_batches=2",
         "trainer.num_sanity_val_steps=0",
         "callbacks.progress_bar=null",
         "test=false",

@@ -3,9 +3,11 @@ again on two input sizes and checked against PyTorch."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +23,8 @@ from pvtlab.export import (
     export_graph,
     load_network,
 )
+from pvtlab.export.formats import METADATA_FILE
+from pvtlab.export.metadata import export_metadata
 from pvtlab.export.validation import validate
 from tests.conftest import REPO, compose_config
 
@@ -50,6 +54,22 @@ TINY_HEADS = {
         "head.num_queries=8",
     ],
     "mask_rcnn": ["task=detection", "head=mask_rcnn", "head.fpn_channels=16"],
+    "trans2seg": [
+        "task=segmentation",
+        "head=trans2seg",
+        "head.embed_dim=32",
+        "head.depth=1",
+        "head.num_heads=2",
+        "head.hidden_dim=16",
+    ],
+}
+# The task kind and the head module each exported file names in its metadata.
+EXPECTED_METADATA = {
+    "classifier": ("classification", "linear"),
+    "semantic_fpn": ("segmentation", "semantic_fpn"),
+    "trans2seg": ("segmentation", "trans2seg"),
+    "retinanet": ("detection", "retinanet"),
+    "detr": ("detection", "detr"),
 }
 IMAGE_SIZE = (64, 64)
 
@@ -84,7 +104,27 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path
     return get
 
 
-def check_export(ckpt: Path, fmt: str, tmp_path: Path) -> None:
+def read_metadata(path: Path, fmt: str) -> dict[str, str]:
+    """The metadata an exported file carries, read back as a user without pvtlab would."""
+    if fmt == "onnx":
+        import onnx
+        import onnxruntime
+
+        stored = {prop.key: prop.value for prop in onnx.load(str(path)).metadata_props}
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        assert session.get_modelmeta().custom_metadata_map == stored
+        return stored
+    extra = {METADATA_FILE: ""}
+    if fmt == "torchscript":
+        with warnings.catch_warnings():  # TorchScript's deprecation: the format is what is tested
+            warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated", category=Warning)
+            torch.jit.load(str(path), _extra_files=extra)
+    else:
+        torch.export.load(path, extra_files=extra)
+    return json.loads(extra[METADATA_FILE])
+
+
+def check_export(ckpt: Path, fmt: str, tmp_path: Path, head: str) -> None:
     output = tmp_path / f"model{FORMATS[fmt].suffix}"
     result = export_checkpoint(ckpt, fmt, output, image_size=IMAGE_SIZE)
     assert result.path == output and output.is_file()
@@ -93,6 +133,13 @@ def check_export(ckpt: Path, fmt: str, tmp_path: Path) -> None:
     assert shapes == {(1, 3, 64, 64), (3, 3, 96, 128)}
     assert {c.output for c in result.comparisons} == set(result.output_names)
     assert all(c.passed and c.max_abs_diff < 1e-3 for c in result.comparisons)
+    metadata = read_metadata(output, fmt)
+    kind, head_module = EXPECTED_METADATA[head]
+    assert (metadata["pvtlab.task"], metadata["pvtlab.head"]) == (kind, head_module)
+    assert metadata["pvtlab.backbone"] == "pvt_tiny"
+    assert json.loads(metadata["pvtlab.outputs"]) == list(result.output_names)
+    assert json.loads(metadata["pvtlab.input"])["layout"] == "NCHW"
+    assert json.loads(metadata["pvtlab.model_config"]) == load_network(ckpt)[1]
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
@@ -100,13 +147,58 @@ def check_export(ckpt: Path, fmt: str, tmp_path: Path) -> None:
 def test_every_format_validates_on_two_sizes(
     head: str, fmt: str, checkpoint: Callable[[str], Path], tmp_path: Path
 ) -> None:
-    check_export(checkpoint(head), fmt, tmp_path)
+    check_export(checkpoint(head), fmt, tmp_path, head)
+
+
+def test_trans2seg_exports_to_onnx(checkpoint: Callable[[str], Path], tmp_path: Path) -> None:
+    check_export(checkpoint("trans2seg"), "onnx", tmp_path, "trans2seg")
 
 
 @pytest.mark.slow
 def test_detectors_export_to_onnx(checkpoint: Callable[[str], Path], tmp_path: Path) -> None:
     for head in ("retinanet", "detr"):
-        check_export(checkpoint(head), "onnx", tmp_path / head)
+        check_export(checkpoint(head), "onnx", tmp_path / head, head)
+
+
+def test_metadata_names_the_classes_and_the_preprocessing(
+    checkpoint: Callable[[str], Path],
+) -> None:
+    _, description = load_network(checkpoint("classifier"))
+    names = [f"shape_{i}" for i in range(int(description["num_classes"]))]
+    metadata = export_metadata({**description, "class_names": names}, ["logits"], "images")
+    assert json.loads(metadata["pvtlab.class_names"]) == names
+    assert "pvtlab.category_ids" not in metadata  # an output of detection only
+    preprocessing = json.loads(metadata["pvtlab.preprocessing"])
+    size = int(description["preprocessing"]["image_size"])
+    assert preprocessing["size"] == [size, size]
+    assert preprocessing["resize"].startswith("shorter side to floor(size / crop_pct)")
+    # timm's ImageNet mean and std (0-1 scale) given on the 0-255 scale, as segmentation's are
+    assert preprocessing["mean"] == pytest.approx([123.675, 116.28, 103.53])
+    assert preprocessing["std"] == pytest.approx([58.395, 57.12, 57.375])
+
+    _, description = load_network(checkpoint("semantic_fpn"))
+    metadata = export_metadata(description, ["logits"], "images")
+    preprocessing = json.loads(metadata["pvtlab.preprocessing"])
+    assert preprocessing["scale"] == description["preprocessing"]["test_scale"]
+    assert preprocessing["mean"] == pytest.approx([123.675, 116.28, 103.53])
+    # a checkpoint without class names: predict's names, class_<i>
+    assert json.loads(metadata["pvtlab.class_names"])[0] == "class_0"
+
+
+def test_detection_metadata_carries_the_category_ids(
+    checkpoint: Callable[[str], Path],
+) -> None:
+    _, description = load_network(checkpoint("retinanet"))
+    classes = int(description["num_classes"])
+    ids = [10 * (i + 1) for i in range(classes)]
+    metadata = export_metadata(
+        {**description, "class_names": [f"c{i}" for i in range(classes)], "category_ids": ids},
+        ["scores", "boxes"],
+        "images",
+    )
+    assert json.loads(metadata["pvtlab.category_ids"]) == ids
+    preprocessing = json.loads(metadata["pvtlab.preprocessing"])
+    assert preprocessing["short_side"] == description["preprocessing"]["test_short_side"]
 
 
 def test_mask_rcnn_is_refused_with_the_reason(

@@ -79,7 +79,7 @@ def _overrides(tmp_path: Path, epochs: int) -> list[str]:
         "data.generator.val_images=8",
         "data.loader.batch_size=8",
         f"trainer.max_epochs={epochs}",
-        "+trainer.limit_val_batches=1",
+        "trainer.limit_val_batches=1",
         "trainer.log_every_n_steps=1",
     ]
 

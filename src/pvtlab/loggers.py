@@ -3,11 +3,13 @@
 W&B runs: each run folder holds the id of its W&B run (`wandb_run_id.txt`), chosen when the
 logger is made. A run resumed from a checkpoint (`resume_from`, which the pipeline fills in with
 the resolved `ckpt_path`) reads the id from the checkpoint's run folder and continues that W&B
-run (`resume="allow"`), although Hydra gives the resumed run a new folder.
+run (`resume="allow"`). A resumed run writes into its original folder (`pvtlab.runs.continue_in`),
+so its `metrics.csv` continues too (`ContinuingCSVLogger`).
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import netrc
 import os
@@ -17,7 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
@@ -28,6 +32,28 @@ from pvtlab.sweeps.naming import job_run_name
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "wandb_run_id.txt"
+
+
+class _ContinuingExperimentWriter(ExperimentWriter):
+    """Lightning's CSV writer, which deletes a `metrics.csv` it finds in its folder; this one
+    keeps its rows and appends to them (the columns grow as new metrics appear)."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
+                self.metrics_keys = next(csv.reader(handle), [])
+
+
+class ContinuingCSVLogger(CSVLogger):
+    """Lightning's CSVLogger whose `metrics.csv` keeps the rows of the run it resumes."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuingExperimentWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def wandb_account_configured() -> bool:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,27 +20,34 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from pvtlab import run_config, runs
+from pvtlab.callbacks.progress import CompileReport, StepLog
+from pvtlab.callbacks.validation import ValidateAtLastStep
 from pvtlab.config import (
     HEAD_KINDS,
     ConfigError,
     check_compatible,
+    choices_summary,
     head_kind,
     print_config_tree,
     save_resolved_config,
     task_class,
     task_kind,
 )
+from pvtlab.console import console
+from pvtlab.evaluation.predictions import ClassificationPredictions
 from pvtlab.loggers import log_wandb_run_facts
 from pvtlab.models.release_checkpoints import load_release_state_dict, release_kind
 from pvtlab.sweeps.metrics import write_metrics
 from pvtlab.sweeps.naming import set_sweep_group
 from pvtlab.sweeps.pretrained import check_pretrained
 from pvtlab.tasks.base import FROZEN_WEIGHTS, TaskModule, frozen_weight_compilation
+from pvtlab.tasks.optim import check_updates
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +172,9 @@ def build_task(
     model = build_model(description["backbone"], description["head"], description["num_classes"])
     # Partial first: `description` holds the head's `_target_`, which instantiate would recurse into.
     factory = instantiate(cfg.task, _partial_=True, _convert_="all")
-    return factory(model=model, model_config=description)
+    task = factory(model=model, model_config=description)
+    task.hparams[run_config.RUN_CONFIG] = run_config.run_config(cfg)  # what eval rebuilds
+    return task
 
 
 def _instantiate_group(group: DictConfig | None, **monitor: str) -> list[Any]:
@@ -208,6 +217,10 @@ def build_trainer(cfg: DictConfig, resume_from: str | None = None) -> L.Trainer:
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     if not cfg.trainer.get("enable_progress_bar", True):  # nor a progress bar it was told to hide
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+        callbacks.append(StepLog())  # a line every log_every_n_steps instead
+    callbacks.append(ValidateAtLastStep())
+    if cfg.get("compile"):
+        callbacks.append(CompileReport())
     return instantiate(
         cfg.trainer,
         callbacks=callbacks,
@@ -222,7 +235,9 @@ def validation_schedule(trainer: Mapping[str, Any]) -> dict[str, int]:
     A validation interval (`val_check_interval` steps across epochs, or
     `check_val_every_n_epoch`) that does not end on the run's last step or epoch (ADE20K's
     4000 iterations in a 1000-step run) becomes the shortest one that does, with no more
-    validations than asked for; one line says so. Returns the settings that change.
+    validations than asked for; one line says so. Returns the settings that change. A run
+    that `max_steps` ends inside an epoch validated once an epoch validates at its last step
+    (`pvtlab.callbacks.validation.ValidateAtLastStep`, which build_trainer adds).
     """
     if trainer.get("fast_dev_run"):
         return {}
@@ -259,29 +274,22 @@ def validation_schedule(trainer: Mapping[str, Any]) -> dict[str, int]:
 
 
 def resolve_ckpt_path(value: str | None, cfg: DictConfig) -> str | None:
-    """`last` means the newest `last.ckpt` among this task's runs; any other value is a path."""
-    if value in (None, ""):
-        return None
-    if value == "last":
-        runs = Path(cfg.paths.log_dir) / task_kind(cfg)
-        candidates = sorted(runs.glob("*/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-        candidates += sorted(
-            runs.glob("*/*/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime
-        )
-        if not candidates:
-            raise ConfigError(
-                f"ckpt_path=last: no last.ckpt under {runs}/*/ (no earlier {task_kind(cfg)} run)"
-            )
-        return str(max(candidates, key=lambda p: p.stat().st_mtime))
-    path = Path(value)
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path={value}: no such file")
-    if not zipfile.is_zipfile(path):  # what torch.save writes; a cheap look before the full load
+    """The checkpoint file a `ckpt_path` value names for the run `cfg` describes: a `.ckpt`
+    file, a run folder (its `checkpoints/last.ckpt`) or `last` (the last checkpoint of the newest
+    run with this config's task, network and data; `pvtlab.runs.resolve_checkpoint`)."""
+    ckpt = runs.resolve_checkpoint(value, cfg)
+    return None if ckpt is None else str(ckpt)
+
+
+def _resume_value(cfg: DictConfig) -> str | None:
+    """What `resume=<run dir>` or `ckpt_path=` asks to resume (at most one of them)."""
+    resume, ckpt_path = cfg.get("resume"), cfg.get("ckpt_path")
+    if resume not in (None, "") and ckpt_path not in (None, ""):
         raise ConfigError(
-            f"ckpt_path={value} is not a checkpoint (not a file written by torch.save); point it "
-            "at a .ckpt file of a pvtlab run, or use ckpt_path=last"
+            f"resume={resume} and ckpt_path={ckpt_path} are both set; both name the run to "
+            "continue: keep one"
         )
-    return str(path)
+    return resume if resume not in (None, "") else ckpt_path
 
 
 def _resolve_load_from(value: str | None, resuming: bool) -> str | None:
@@ -300,17 +308,7 @@ def _resolve_load_from(value: str | None, resuming: bool) -> str | None:
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint file without running pickled code, with a clear error if it is not one."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several unrelated types for a foreign file
-        raise ConfigError(
-            f"{path} is not a loadable checkpoint ({type(error).__name__}: {error})"
-        ) from error
-    if not isinstance(checkpoint, dict):
-        raise ConfigError(
-            f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dictionary"
-        )
-    return checkpoint
+    return run_config.read_checkpoint(path)
 
 
 def read_training_checkpoint(path: str | Path, option: str = "") -> dict[str, Any]:
@@ -326,9 +324,9 @@ def read_training_checkpoint(path: str | Path, option: str = "") -> dict[str, An
 
 
 def load_task(cfg: DictConfig, ckpt_path: str | Path, datamodule: Any | None = None) -> TaskModule:
-    """A task rebuilt from a pvtlab checkpoint: its saved network description, then its weights.
-    A file without one (the release's) is built for the classes of `datamodule`, else of
-    `data.num_classes`."""
+    """A task of `cfg.task` rebuilt from a pvtlab checkpoint: its saved network description,
+    then its weights. A file without a description (the release's whole models, older runs) is
+    built from the config, for the classes of `datamodule`, else of `data.num_classes`."""
     checkpoint = read_training_checkpoint(ckpt_path)
     if release_kind(checkpoint["state_dict"]) is not None:  # the PVT release's own file
         task = build_task(cfg, datamodule=datamodule)
@@ -339,17 +337,14 @@ def load_task(cfg: DictConfig, ckpt_path: str | Path, datamodule: Any | None = N
         log.warning(
             "%s carries no model description; building the model from the config", ckpt_path
         )
-    if description is not None:
-        description = checkpoint_description(description)
-    task = build_task(cfg, description, datamodule)
-    missing, unexpected = task.load_state_dict(checkpoint["state_dict"], strict=False)
-    if missing or unexpected:
+        description = model_config(cfg, datamodule)
+    elif (kind := _checkpoint_kind(description, ckpt_path)) != task_kind(cfg):
         raise ConfigError(
-            f"{ckpt_path} does not fit task={task_kind(cfg)}: missing keys {missing[:10]}"
-            f"{' ...' if len(missing) > 10 else ''}, unexpected keys {unexpected[:10]}"
-            f"{' ...' if len(unexpected) > 10 else ''}"
+            f"ckpt_path={ckpt_path} is a {kind} checkpoint, but task={task_kind(cfg)} was "
+            f"chosen: evaluate it with task={kind} (or without task=)"
         )
-    return task
+    factory = instantiate(cfg.task, _partial_=True, _convert_="all")
+    return _rebuild(factory, description, checkpoint, ckpt_path)
 
 
 # The task class of each kind of prediction (a head's kind: pvtlab.config.HEAD_KINDS).
@@ -372,25 +367,41 @@ def task_from_checkpoint(ckpt_path: str | Path) -> TaskModule:
             f"{ckpt_path} carries no model description (hyper_parameters['model_config']): "
             "nothing in it says which network its weights belong to"
         )
+    task_type = get_class(TASK_CLASSES[_checkpoint_kind(description, ckpt_path)])
+    accepted = set(inspect.signature(task_type).parameters) - {"model", "model_config"}
+    settings = {k: v for k, v in hyper_parameters.items() if k in accepted}
+    return _rebuild(partial(task_type, **settings), description, checkpoint, ckpt_path).eval()
+
+
+def _checkpoint_kind(description: Mapping[str, Any], ckpt_path: str | Path) -> str:
     kind = head_kind(OmegaConf.create(description["head"]))
     if kind is None:
         raise ConfigError(
             f"{ckpt_path}: head {description['head'].get('_target_')} is not a pvtlab head; "
             f"its kind of prediction is unknown (pvtlab heads: {sorted(HEAD_KINDS)})"
         )
-    task_type = get_class(TASK_CLASSES[kind])
-    accepted = inspect.signature(task_type).parameters
-    settings = {k: v for k, v in hyper_parameters.items() if k in accepted and k != "model"}
+    return kind
+
+
+def _rebuild(
+    factory: Callable[..., TaskModule],
+    description: Mapping[str, Any],
+    checkpoint: Mapping[str, Any],
+    ckpt_path: str | Path,
+) -> TaskModule:
+    """The one way a task is rebuilt from a checkpoint: the network its description names
+    (`checkpoint_description`), the task `factory` around it, then its weights, strictly."""
     rebuilt = checkpoint_description(description)
     model = build_model(rebuilt["backbone"], rebuilt["head"], rebuilt["num_classes"])
-    task = task_type(model=model, **settings)
+    task = factory(model=model, model_config=rebuilt)
     missing, unexpected = task.load_state_dict(checkpoint["state_dict"], strict=False)
     if missing or unexpected:
         raise ConfigError(
-            f"{ckpt_path} does not fit its own description: missing keys {missing[:10]}, "
-            f"unexpected keys {unexpected[:10]}"
+            f"{ckpt_path} does not fit its network ({type(task).__name__}): missing keys "
+            f"{missing[:10]}{' ...' if len(missing) > 10 else ''}, unexpected keys "
+            f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}"
         )
-    return task.eval()
+    return task
 
 
 def initialise_from(task: TaskModule, path: str | Path) -> list[str]:
@@ -429,23 +440,40 @@ def initialise_from(task: TaskModule, path: str | Path) -> list[str]:
 def _prepare(cfg: DictConfig) -> Path:
     """Checks that need no data, then the config tree printed and saved with the run."""
     check_compatible(cfg)
+    check_updates(cfg)
     check_pretrained(cfg)
     set_sweep_group(cfg)  # before the config is saved: config.yaml records the group
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    print_config_tree(cfg, save_to=output_dir / "config_tree.log")
-    save_resolved_config(cfg, output_dir / "config.yaml")
+    _write_run_config(cfg, output_dir)
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     L.seed_everything(cfg.seed, workers=True)
     return output_dir
 
 
+@rank_zero_only  # a distributed run's other processes re-run the command in the same folder
+def _write_run_config(cfg: DictConfig, output_dir: Path) -> None:
+    """The config tree and resolved config saved with the run; the tree printed with
+    `print_config=true`, else one line of the choices and the run folder."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    show_tree = bool(cfg.get("print_config", False))
+    print_config_tree(cfg, save_to=output_dir / "config_tree.log", show=show_tree)
+    save_resolved_config(cfg, output_dir / "config.yaml")
+    if not show_tree:
+        log.info("%s (print_config=true prints the config)", choices_summary(cfg))
+    log.info("Run folder: %s", output_dir)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit `cfg.task` on `cfg.data`, then test the best checkpoint; return the final metrics."""
-    output_dir = _prepare(cfg)
-    # Before any data is read: a wrong ckpt_path fails at once.
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg) if cfg.get("train", True) else None
+    # Before anything is built or written: a wrong or foreign checkpoint fails at once, and a
+    # resumed run writes into its own folder (config, checkpoints, logs).
+    ckpt_path = resolve_ckpt_path(_resume_value(cfg), cfg) if cfg.get("train", True) else None
     load_from = _resolve_load_from(cfg.get("load_from"), resuming=bool(ckpt_path))
+    if ckpt_path:
+        runs.check_checkpoint_fits(ckpt_path, cfg)
+        if (run := runs.run_folder(ckpt_path)) is not None:
+            runs.continue_in(cfg, run)
+    output_dir = _prepare(cfg)
     datamodule = build_datamodule(cfg)
     task = build_task(cfg, datamodule=datamodule)
     if load_from:
@@ -472,18 +500,30 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Score a checkpoint (or `backbone.pretrained` weights) on the chosen split; return metrics."""
+    """Score a checkpoint (or `backbone.pretrained` weights) on the chosen split; return metrics.
+
+    The checkpoint names its task, network and data (`pvtlab.run_config.eval_config`); the
+    command line's overrides apply on top. Writes `metrics.json` and the task's predictions
+    into the run folder."""
+    source = _checkpoint_source(cfg)
+    if source is not None:
+        cfg = run_config.eval_config(cfg, source)
     output_dir = _prepare(cfg)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg)
+    ckpt_path = str(source.path) if source is not None and cfg.get("ckpt_path") else None
     datamodule = build_datamodule(cfg)
     if ckpt_path:
         task = load_task(cfg, ckpt_path, datamodule)
     else:
         task = build_task(cfg, pretrained_description(cfg, datamodule))
+    _log_rebuilt_model(task, source)
     match_data_classes(datamodule, task.hparams.model_config)
     if cfg.get("compile"):
         task.compile_model(options=FROZEN_WEIGHTS)
     trainer = build_trainer(cfg)
+    predictions = Path(str(cfg.task.get("predictions_dir") or output_dir / "predictions"))
+    if task.kind == "classification":
+        names = task.hparams.model_config.get("class_names")
+        trainer.callbacks.append(ClassificationPredictions(predictions / "predictions.csv", names))
     run = trainer.test if cfg.get("split", "val") == "test" else trainer.validate
     try:
         with frozen_weight_compilation():  # compile=true: traced at the first batch
@@ -492,7 +532,38 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     finally:
         _finish_loggers(trainer)
     print_summary(task, trainer, metrics, output_dir)
+    written = [write_metrics(metrics, output_dir)]
+    written += sorted(predictions.glob("*")) if predictions.is_dir() else []
+    out = console()
+    for path in written:
+        out.print(f"Written:         {path}")
     return metrics
+
+
+def _checkpoint_source(cfg: DictConfig) -> run_config.CheckpointSource | None:
+    """What `ckpt_path` names: a transformers folder, else a file `resolve_ckpt_path` finds."""
+    value = cfg.get("ckpt_path")
+    if value not in (None, "") and run_config.is_transformers_folder(value):
+        return run_config.read_source(value)
+    ckpt_path = resolve_ckpt_path(value, cfg)
+    return None if ckpt_path is None else run_config.read_source(ckpt_path)
+
+
+@rank_zero_only
+def _log_rebuilt_model(task: TaskModule, source: run_config.CheckpointSource | None) -> None:
+    description = task.hparams.model_config
+    names = description.get("class_names")
+    log.info(
+        "Model: %s, backbone %s, head %s, %d classes%s, from %s",
+        task.kind,
+        description["backbone"].get("name"),
+        str(description["head"].get("_target_")).rpartition(".")[2],
+        int(description["num_classes"]),
+        f" ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" if names else "",
+        source.path
+        if source is not None
+        else description["backbone"].get("pretrained") or "fresh weights (no checkpoint)",
+    )
 
 
 def predict(cfg: DictConfig) -> dict[str, int]:
@@ -545,13 +616,13 @@ def predict(cfg: DictConfig) -> dict[str, int]:
             progress.advance(bar, len(chunk))
     written = writer.close()
     counts = {"predicted": len(files) - len(skipped), "skipped": len(skipped)}
-    console = Console()
-    console.print(
+    out = console()  # paths never wrapped
+    out.print(
         f"Predicted {counts['predicted']} of {len(files)} files with {ckpt_path}"
         + (f"; {len(skipped)} unreadable, skipped (named in the log)" if skipped else "")
     )
     for path in written:
-        console.print(f"  {path}")
+        out.print(f"  {path}")
     return counts
 
 
@@ -595,6 +666,7 @@ def _finish_loggers(trainer: L.Trainer) -> None:
             logger.experiment.finish()
 
 
+@rank_zero_only
 def print_summary(
     task: TaskModule, trainer: L.Trainer, metrics: Mapping[str, float], output_dir: Path
 ) -> None:
@@ -608,19 +680,29 @@ def print_summary(
     summarize = getattr(task, "summary_rows", None)
     for name, value in (summarize(metrics) if callable(summarize) else {}).items():
         table.add_row(name, value)
-    console = Console()
-    console.print(table)
-    console.print(f"Run folder:      {output_dir}")
+    out = console()
+    out.print(table)
+    out.print(f"Run folder:      {output_dir}")
     best = _best_checkpoint(trainer)
     callback = trainer.checkpoint_callback
     last = getattr(callback, "last_model_path", "") if callback is not None else ""
     if best:
-        console.print(f"Best checkpoint: {best}")
+        out.print(f"Best checkpoint: {best}")
     if last:
-        console.print(f"Last checkpoint: {last}")
+        out.print(f"Last checkpoint: {last}")
     for logger in trainer.loggers:
         if isinstance(logger, CSVLogger):
-            console.print(f"Metrics:         {Path(logger.log_dir) / 'metrics.csv'}")
+            out.print(f"Metrics:         {Path(logger.log_dir) / 'metrics.csv'}")
         elif isinstance(logger, Logger) and getattr(logger, "save_dir", None):
-            console.print(f"{type(logger).__name__}: {logger.save_dir}")
-    console.print(f"Log:             {output_dir / 'train.log'}")
+            out.print(f"{type(logger).__name__}: {logger.save_dir}")
+    for log_file in _log_files():
+        out.print(f"Log:             {log_file}")
+
+
+def _log_files() -> list[str]:
+    """The files the run's log is written to (Hydra's job log, `<entry point>.log`)."""
+    return [
+        handler.baseFilename
+        for handler in logging.getLogger().handlers
+        if isinstance(handler, logging.FileHandler)
+    ]

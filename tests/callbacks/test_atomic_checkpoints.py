@@ -78,9 +78,9 @@ def test_trainers_write_checkpoints_atomically(make_config: Callable[..., DictCo
         assert isinstance(built.strategy.checkpoint_io, AtomicCheckpointIO), trainer
 
 
-def test_step_checkpoint_is_off_by_default(make_config: Callable[..., DictConfig]) -> None:
+def test_step_checkpoints_are_written_by_default(make_config: Callable[..., DictConfig]) -> None:
     cfg = make_config([])
-    assert cfg.callbacks.step_checkpoint.every_n_train_steps == 0
+    assert cfg.callbacks.step_checkpoint.every_n_train_steps == 1000
     assert (
         os.fspath(cfg.callbacks.step_checkpoint.dirpath) == cfg.callbacks.model_checkpoint.dirpath
     )

@@ -19,8 +19,8 @@ from tests.conftest import REPO
 TINY_RUN = [
     "task=classification",
     "trainer.max_epochs=2",
-    "+trainer.limit_train_batches=6",
-    "+trainer.limit_val_batches=2",
+    "trainer.limit_train_batches=6",
+    "trainer.limit_val_batches=2",
     "trainer.num_sanity_val_steps=0",
     "trainer.deterministic=true",
     "data.loader.batch_size=8",

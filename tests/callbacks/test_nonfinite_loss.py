@@ -25,7 +25,7 @@ NAN_STEP = 3
 
 SMALL_RUN = [
     "trainer.max_epochs=1",
-    "+trainer.limit_train_batches=6",
+    "trainer.limit_train_batches=6",
     "trainer.num_sanity_val_steps=0",
     "data.loader.batch_size=4",
     "data.loader.num_workers=0",
@@ -65,9 +65,19 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
         pipeline.train(cfg)
     message = str(error.value)
     assert f"at step {NAN_STEP} " in message and "train/loss=nan" in message
+    assert f"resume={cfg.paths.output_dir}" in message  # the command that resumes this run
     last = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 2  # the step-2 checkpoint, not one written after the NaN
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+
+
+def test_without_a_checkpoint_the_message_recommends_no_resume(
+    make_config: Callable[..., DictConfig],
+) -> None:
+    trainer = pipeline.build_trainer(make_config(SMALL_RUN))
+    message = NonFiniteLossGuard.message(trainer, [(0, torch.tensor(float("nan")))])
+    assert "nothing to resume" in message
+    assert "resume=" not in message and "ckpt_path=last" not in message
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -121,7 +131,7 @@ def test_a_nan_on_one_ddp_rank_stops_every_rank_at_that_step(
         sys.executable,
         str(REPO / "src" / "train.py"),
         *[o for o in SMALL_RUN if "limit_train_batches" not in o and "poison" not in o],
-        "+trainer.limit_train_batches=4",
+        "trainer.limit_train_batches=4",
         "trainer=ddp_cpu",
         "test=false",
         "+callbacks.poison._target_=tests.callbacks.test_nonfinite_loss.PoisonBatch",

@@ -30,7 +30,7 @@ GROUPS = (
 )
 # Overlays: the one home of values that depend on a combination of choices. Every other folder
 # of conf/ is a group whose files hold their own values.
-OVERLAYS = ("recipe", "experiment", "ablation", "local")
+OVERLAYS = ("recipe", "experiment", "ablation", "local", "debug")
 GROUP_FILES = sorted(
     p for p in CONF_DIR.glob("*/**/*.yaml") if p.relative_to(CONF_DIR).parts[0] not in OVERLAYS
 )

@@ -15,9 +15,9 @@ from tests.conftest import REPO
 # A few batches of 64x64 shapes: the plumbing, not the learning.
 TINY = [
     "trainer.max_epochs=1",
-    "+trainer.limit_train_batches=2",
-    "+trainer.limit_val_batches=1",
-    "+trainer.limit_test_batches=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
     "trainer.num_sanity_val_steps=0",
     "callbacks=none",
     "data.generator.train_images=32",

@@ -311,8 +311,8 @@ def test_evaluate_a_checkpoint(make_config: Callable[..., DictConfig], tmp_path:
     train_cfg = _config(
         make_config,
         "trainer.max_steps=2",
-        "+trainer.limit_val_batches=2",
-        "+trainer.limit_test_batches=1",
+        "trainer.limit_val_batches=2",
+        "trainer.limit_test_batches=1",
         "trainer.num_sanity_val_steps=0",
         "data.loader.num_workers=0",
     )
@@ -322,7 +322,7 @@ def test_evaluate_a_checkpoint(make_config: Callable[..., DictConfig], tmp_path:
     eval_cfg = _config(
         make_config,
         f"ckpt_path={ckpt}",
-        "+trainer.limit_val_batches=2",
+        "trainer.limit_val_batches=2",
         "data.loader.num_workers=0",
         config_name="eval",
     )

@@ -349,16 +349,16 @@ def test_eval_cli_prints_the_cocoeval_table(tmp_path: Path, data_dir: Path) -> N
 
     steps = [
         "trainer.max_epochs=1",
-        "+trainer.limit_train_batches=1",
-        "+trainer.limit_val_batches=1",
+        "trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=1",
     ]
     run_cli(
-        "train.py", ["task=detection", *steps, "+trainer.limit_test_batches=1"], tmp_path, data_dir
+        "train.py", ["task=detection", *steps, "trainer.limit_test_batches=1"], tmp_path, data_dir
     )
     (ckpt,) = (tmp_path / "outputs").glob("detection/runs/*/checkpoints/last.ckpt")
     result = run_cli(
         "eval.py",
-        ["task=detection", f"ckpt_path={ckpt}", "+trainer.limit_val_batches=2"],
+        ["task=detection", f"ckpt_path={ckpt}", "trainer.limit_val_batches=2"],
         tmp_path,
         data_dir,
     )

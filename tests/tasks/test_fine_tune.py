@@ -94,8 +94,8 @@ def test_training_run_starts_from_the_loaded_weights(
         [
             f"load_from={source}",
             "trainer.max_epochs=1",
-            "+trainer.limit_train_batches=1",
-            "+trainer.limit_val_batches=1",
+            "trainer.limit_train_batches=1",
+            "trainer.limit_val_batches=1",
             "test=false",
         ]
     )

@@ -134,7 +134,7 @@ def test_the_training_loop_reads_the_loss_back_every_log_interval(
             f"trainer.max_steps={steps}",
             "trainer.max_epochs=-1",
             "trainer.log_every_n_steps=12",
-            "+trainer.limit_val_batches=0",
+            "trainer.limit_val_batches=0",
             "trainer.num_sanity_val_steps=0",
             "+trainer.enable_checkpointing=false",
             "~callbacks.model_checkpoint",

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
+
+from pvtlab.runs import resume_command
 
 __all__ = ["NonFiniteLossError", "NonFiniteLossGuard"]
 
@@ -67,14 +70,32 @@ class NonFiniteLossGuard(Callback):
             index = losses[-1][0] if losses else 0
             found = "non-finite training loss on another process"
         where = f"at step {trainer.global_step} (epoch {trainer.current_epoch}, batch {index + 1})"
-        callback = trainer.checkpoint_callback
-        last = getattr(callback, "last_model_path", "") if callback is not None else ""
+        last = last_checkpoint(trainer)
+        advice = (
+            "Lower the learning rate (task.optimizer.lr) or clip gradients "
+            "(trainer.gradient_clip_val)"
+        )
+        if last is None:
+            kept = "no checkpoint was written before it, so there is nothing to resume"
+            advice += ", and start the run again."
+        else:
+            kept = f"the last checkpoint ({last}) was not overwritten"
+            advice += f", then resume from that checkpoint:\n  {resume_command(last.parent.parent)}"
         return (
             f"{found} {where}. The optimizer did not take that step, so the weights are those "
-            f"of the last good step; the last checkpoint ({last or 'none written yet'}) was not "
-            "overwritten. Lower the learning rate (task.optimizer.lr), clip gradients "
-            "(trainer.gradient_clip_val), or resume with ckpt_path=last."
+            f"of the last good step; {kept}. {advice}"
         )
+
+
+def last_checkpoint(trainer: L.Trainer) -> Path | None:
+    """The `last.ckpt` of `trainer`'s checkpoint callbacks, if one exists (written by this
+    process or by the run it resumes)."""
+    for callback in trainer.checkpoint_callbacks:
+        dirpath = getattr(callback, "dirpath", None)
+        for path in (getattr(callback, "last_model_path", ""), dirpath and f"{dirpath}/last.ckpt"):
+            if path and Path(path).is_file():
+                return Path(path)
+    return None
 
 
 def all_finite(losses: list[Tensor]) -> bool:

@@ -6,16 +6,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import rich
 import rich.syntax
 import rich.tree
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from pvtlab.console import console
 
 __all__ = [
     "ConfigError",
     "check_arguments",
     "check_compatible",
+    "choices_summary",
     "head_kind",
     "print_config_tree",
     "save_resolved_config",
@@ -25,6 +28,18 @@ __all__ = [
 
 # Groups shown first in the printed tree, in the order a reader wants them.
 TREE_ORDER = ("task", "backbone", "head", "data", "trainer", "callbacks", "logger", "paths")
+# The choices the one-line summary names (print_config=false), when chosen.
+SUMMARY_GROUPS = (
+    "task",
+    "backbone",
+    "head",
+    "data",
+    "trainer",
+    "logger",
+    "experiment",
+    "ablation",
+    "debug",
+)
 
 # The kind of prediction of each pvtlab head module; a head from elsewhere is not checked.
 HEAD_KINDS = {
@@ -42,9 +57,13 @@ class ConfigError(ValueError):
 
 
 def print_config_tree(
-    cfg: DictConfig, save_to: Path | None = None, order: Sequence[str] = TREE_ORDER
+    cfg: DictConfig,
+    save_to: Path | None = None,
+    order: Sequence[str] = TREE_ORDER,
+    show: bool = True,
 ) -> None:
-    """Print the resolved config as a tree; optionally write the same text to `save_to`."""
+    """Print the resolved config as a tree (`show`); optionally write the same text to
+    `save_to`, unwrapped."""
     tree = rich.tree.Tree("CONFIG", style="bold", guide_style="dim")
     keys = [k for k in order if k in cfg] + [k for k in cfg if k not in order]
     for key in keys:
@@ -52,11 +71,28 @@ def print_config_tree(
         node = cfg[key]
         text = OmegaConf.to_yaml(node, resolve=True) if isinstance(node, DictConfig) else str(node)
         branch.add(rich.syntax.Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
-    rich.print(tree)
+    if show:
+        console().print(tree)
     if save_to is not None:
         save_to.parent.mkdir(parents=True, exist_ok=True)
         with save_to.open("w") as handle:
-            rich.print(tree, file=handle)
+            Console(file=handle, soft_wrap=True, width=10_000).print(tree)
+
+
+def choices_summary(cfg: DictConfig) -> str:
+    """One line of what was chosen: task, network, data, trainer and the overlays, e.g.
+    ``task=detection backbone=pvt_small head=retinanet data=coco trainer=ddp
+    experiment=table3_retinanet``."""
+    choices = _choices()
+    if not choices:  # composed without Hydra's run facts: the targets stand in
+        return " ".join(
+            f"{group}={str(cfg[group].get('_target_', '?')).rpartition('.')[2]}"
+            for group in SUMMARY_GROUPS
+            if isinstance(cfg.get(group), DictConfig)
+        )
+    return " ".join(
+        f"{group}={choices[group]}" for group in SUMMARY_GROUPS if choices.get(group) is not None
+    )
 
 
 def save_resolved_config(cfg: DictConfig, path: Path) -> None:
@@ -115,6 +151,15 @@ def check_arguments(cfg: DictConfig) -> None:
         raise ConfigError(
             "the config does not fit the objects it builds:\n  " + "\n  ".join(problems)
         )
+
+
+def _choices() -> dict[str, Any]:
+    """The run's group choices, as Hydra recorded them; empty outside a Hydra run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    return dict(HydraConfig.get().runtime.choices)
 
 
 def _choice(cfg: DictConfig, group: str) -> str:

@@ -64,6 +64,16 @@ class ToNormalizedFloat(v2.Transform):
         return tv_tensors.wrap(normalized, like=inpt)
 
 
+class ShortestSizeResize(v2.RandomShortestSize):
+    """`v2.RandomShortestSize` whose sides are at least one pixel: a very long, thin picture
+    (4000 x 3 under a longer-side cap of 1333) would round its short side to 0 and crash."""
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        params = super().make_params(flat_inputs)
+        params["size"] = [max(1, int(side)) for side in params["size"]]
+        return params
+
+
 def detection_transforms(
     short_sides: Sequence[int],
     max_size: int | None,
@@ -76,7 +86,7 @@ def detection_transforms(
     Called on `(tv_tensors.Image uint8, {"boxes": BoundingBoxes, "masks": Mask, ...})`; other
     target entries pass through unchanged.
     """
-    steps: list[v2.Transform] = [v2.RandomShortestSize(list(short_sides), max_size=max_size)]
+    steps: list[v2.Transform] = [ShortestSizeResize(list(short_sides), max_size=max_size)]
     if flip_prob > 0:
         steps.append(v2.RandomHorizontalFlip(p=flip_prob))
     steps.append(ToNormalizedFloat(mean, std))

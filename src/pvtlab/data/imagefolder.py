@@ -25,11 +25,12 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pvtlab.data.classes import check_num_classes, label_mapping
 from pvtlab.data.config import as_config
+from pvtlab.data.images import DECODE_ERRORS, read_rgb
 from pvtlab.data.loading import LoaderConfig, processes_on_this_node
 from pvtlab.data.samplers import RepeatAugSampler
 from pvtlab.data.transforms import ClassificationTransformConfig
@@ -129,9 +130,8 @@ class ImageFolderDataset(Dataset):
 
     def load(self, path: str) -> Image.Image:
         try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError) as error:
+            return read_rgb(path)  # the predictor's decode: EXIF orientation, 16-bit scaling
+        except DECODE_ERRORS as error:
             raise ImageFolderError(
                 f"{path} cannot be read as an image ({type(error).__name__}: {error}). Replace "
                 f"or remove it, or set data.invalid_files=skip to skip unreadable images."

@@ -8,7 +8,10 @@ Layout under `root` (ADE20K's `ADEChallengeData2016`, and the embedded shapes se
     classes.txt                     optional: the class names, one a line, in label order
     manifest.json                   optional: {"classes": [names]} (the shapes generator's)
 
-Label maps are single-channel PNGs of the image's size. With `reduce_zero_label` (ADE20K), value 0
+Label maps are single-channel PNGs of the image's size. An image is read as its EXIF orientation
+shows it (`pvtlab.data.images`, as the predictor reads it); its label map, which carries no
+orientation, is turned the same way when it has the stored image's size (drawn on the stored
+pixels) and kept when it has the turned size (drawn on the picture as viewers show it). With `reduce_zero_label` (ADE20K), value 0
 ("other") becomes the ignore index 255 and classes 1..K become 0..K-1; a stored 255 stays ignored.
 
 The classes are what the folder lists (`classes.txt`, else `manifest.json`; ADE20K's release
@@ -33,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from pvtlab.config import ConfigError
 from pvtlab.data.classes import CLASS_LIST_FILES, check_num_classes, label_mapping, read_class_list
 from pvtlab.data.config import as_config
+from pvtlab.data.images import DECODE_ERRORS, orientation_transpose, to_rgb
 from pvtlab.data.loading import LoaderConfig, processes_on_this_node
 from pvtlab.data.segmentation_transforms import SegmentationTransformConfig, padded_size
 
@@ -139,14 +143,23 @@ class SegmentationFolder(Dataset):
         image_path, label_path = self.samples[index]
         try:
             with Image.open(image_path) as handle:
-                image = torch.from_numpy(np.array(handle.convert("RGB"))).permute(2, 0, 1)
-        except OSError as error:
+                handle.load()
+                turn = orientation_transpose(handle)
+                stored_size = handle.size
+                image = torch.from_numpy(np.array(to_rgb(handle))).permute(2, 0, 1)
+        except DECODE_ERRORS as error:
             raise LabelMapError(f"{image_path} cannot be decoded as an image: {error}") from error
         with Image.open(label_path) as handle:
             if handle.mode not in ("L", "P", "I", "I;16"):
                 raise LabelMapError(
                     f"{label_path} is a {handle.mode} image; a label map is a single-channel PNG of class indices"
                 )
+            handle.load()
+            # The image is shown as its EXIF orientation says (as the predictor shows it); a label
+            # map drawn on the stored pixels (its size is theirs) turns with it, one drawn on the
+            # turned picture is kept.
+            if turn is not None and handle.size == stored_size:
+                handle = handle.transpose(turn)
             stored = np.asarray(handle)
             values = _values_present(handle, stored)
         if tuple(stored.shape) != tuple(image.shape[-2:]):

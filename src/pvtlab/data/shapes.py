@@ -5,12 +5,15 @@ visible mask, box); the writers turn scenes into a folder ``<kind>-<settings dig
 per generator setting, so runs with different settings, such as the parallel jobs of an
 image-size sweep, never rewrite each other's files) holding
 
-- classification: ``{train,val}/<class>/<id>.jpg`` (ImageNet's image-folder layout), one labelled
-  shape per image;
-- detection: ``{train2017,val2017}/<id>.jpg`` and ``annotations/instances_{train,val}2017.json``
+- classification: ``{train,val,test}/<class>/<id>.jpg`` (ImageNet's image-folder layout), one
+  labelled shape per image;
+- detection: ``{train,val,test}2017/<id>.jpg`` and ``annotations/instances_{train,val,test}2017.json``
   (COCO: boxes, polygons, areas);
-- segmentation: ``images/{training,validation}/<id>.jpg`` and
-  ``annotations/{training,validation}/<id>.png`` (ADE20K: 0 = other, 1..K = classes).
+- segmentation: ``images/{training,validation,test}/<id>.jpg`` and
+  ``annotations/{training,validation,test}/<id>.png`` (ADE20K: 0 = other, 1..K = classes).
+
+The three splits draw their scenes from separate seed streams, so the test scenes are neither
+training scenes nor the validation scenes that choose the best checkpoint.
 
 Scenes are hard on purpose: textured shapes of random colour, size, rotation and aspect on textured
 backgrounds with clutter strokes and blobs, and occluders on top. Every image is a pure function of
@@ -58,17 +61,18 @@ KINDS: tuple[str, ...] = ("classification", "detection", "segmentation")
 GENERATOR_VERSION = 1
 MANIFEST = "manifest.json"
 
-# Split folder names of each on-disk format (train, val).
 # (low, high) of the RGB values drawn for (unlabelled layers, labelled shapes) per polarity.
 POLARITY_RANGES: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
     "any": ((0.0, 1.0), (0.0, 1.0)),
     "light": ((0.0, 0.4), (0.6, 1.0)),
 }
 
+# Split folder names of each on-disk format (train, val, test); the position is the split's
+# seed stream.
 SPLIT_DIRS = {
-    "classification": ("train", "val"),
-    "detection": ("train2017", "val2017"),
-    "segmentation": ("training", "validation"),
+    "classification": ("train", "val", "test"),
+    "detection": ("train2017", "val2017", "test2017"),
+    "segmentation": ("training", "validation", "test"),
 }
 
 
@@ -79,6 +83,7 @@ class ShapesSettings:
     Args:
         image_size: side of the square images in pixels.
         train_images, val_images: images per split (classification: balanced over classes).
+        test_images: images of the test split; None: `val_images`.
         objects: (min, max) labelled shapes per scene (classification: (1, 1)).
         scale: (min, max) shape diameter as a fraction of the image side, sampled log-uniformly.
         clutter: (min, max) unlabelled background strokes and blobs under the shapes.
@@ -99,6 +104,7 @@ class ShapesSettings:
     image_size: int = 64
     train_images: int = 4000
     val_images: int = 800
+    test_images: int | None = None
     objects: tuple[int, int] = (1, 1)
     scale: tuple[float, float] = (0.3, 0.9)
     clutter: tuple[int, int] = (2, 8)
@@ -120,10 +126,18 @@ class ShapesSettings:
             raise ValueError(
                 f"shapes generator: polarity={self.polarity!r} must be one of {sorted(POLARITY_RANGES)}"
             )
-        if self.image_size < 16 or self.train_images < 1 or self.val_images < 1:
+        if self.test_images is None:
+            object.__setattr__(self, "test_images", self.val_images)
+        if (
+            self.image_size < 16
+            or self.train_images < 1
+            or self.val_images < 1
+            or self.test_images < 1
+        ):
             raise ValueError(
                 f"shapes generator: image_size={self.image_size} (>= 16), train_images="
-                f"{self.train_images} and val_images={self.val_images} (>= 1) are out of range"
+                f"{self.train_images}, val_images={self.val_images} and test_images="
+                f"{self.test_images} (>= 1) are out of range"
             )
 
 
@@ -165,6 +179,7 @@ def make_settings(kind: str, **overrides: Any) -> ShapesSettings:
             f"unknown shapes generator setting(s) {unknown}; valid ones: {sorted(known)}"
         )
     values = asdict(DEFAULT_SETTINGS[kind])
+    values["test_images"] = None  # unless set, follows the val count of these settings
     values.update({k: tuple(v) if isinstance(v, list | tuple) else v for k, v in overrides.items()})
     return ShapesSettings(**values)
 
@@ -619,7 +634,7 @@ def _write_segmentation(folder: Path, settings: ShapesSettings) -> None:
 
 
 def _count(settings: ShapesSettings, split: int) -> int:
-    return settings.train_images if split == 0 else settings.val_images
+    return (settings.train_images, settings.val_images, settings.test_images)[split]
 
 
 WRITERS: dict[str, Callable[[Path, ShapesSettings], None]] = {
@@ -754,6 +769,17 @@ DATAMODULES = {
 }
 
 
+# Where the COCO and ADE20K DataModules find the generated test split (their test split defaults
+# to val); a `data.splits` of the config overrides these.
+TEST_SPLITS: dict[str, dict[str, str]] = {
+    "detection": {
+        "test_images": SPLIT_DIRS["detection"][2],
+        "test_annotations": f"annotations/instances_{SPLIT_DIRS['detection'][2]}.json",
+    },
+    "segmentation": {"test": SPLIT_DIRS["segmentation"][2]},
+}
+
+
 def shapes_datamodule(
     kind: str,
     root: str | os.PathLike[str],
@@ -771,6 +797,11 @@ def shapes_datamodule(
     folder = ensure_shapes(root, kind, **dict(generator or {}))
     module_name, _, class_name = DATAMODULES[kind].partition(":")
     datamodule = getattr(importlib.import_module(module_name), class_name)
+    if kind in TEST_SPLITS:  # the image folder finds test/ itself
+        datamodule_kwargs["splits"] = {
+            **TEST_SPLITS[kind],
+            **(datamodule_kwargs.get("splits") or {}),
+        }
     return datamodule(root=folder, **datamodule_kwargs)
 
 

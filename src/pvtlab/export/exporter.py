@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from pvtlab.config import ConfigError
-from pvtlab.export.formats import FORMATS
+from pvtlab.export.formats import FORMATS, INPUT_NAME
 from pvtlab.export.graphs import SIZE_DIVISOR, export_graph
+from pvtlab.export.metadata import export_metadata
 from pvtlab.export.validation import Comparison, validate
 from pvtlab.pipeline import build_model, checkpoint_description, read_training_checkpoint
 
@@ -93,9 +94,9 @@ def export_network(
     atol: float = 1e-4,
     rtol: float = 1e-3,
 ) -> ExportResult:
-    """Write `network`'s graph (`pvtlab.export.graphs`) in `format`, then run the written file on
-    two input sizes against PyTorch; raises ValidationError beyond the tolerance (the file stays,
-    for inspection)."""
+    """Write `network`'s graph (`pvtlab.export.graphs`) in `format` with the description's
+    metadata (`pvtlab.export.metadata`), then run the written file on two input sizes against
+    PyTorch; raises ValidationError beyond the tolerance (the file stays, for inspection)."""
     if format not in FORMATS:
         raise ConfigError(f"format={format}: choose one of {', '.join(FORMATS)}")
     spec = FORMATS[format]
@@ -103,7 +104,8 @@ def export_network(
     example, checks = validation_inputs(image_size)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    spec.write(graph, example, output, graph.output_names)
+    metadata = export_metadata(description, graph.output_names, INPUT_NAME)
+    spec.write(graph, example, output, graph.output_names, metadata)
     log.info("wrote %s; validating it against PyTorch", output)
     comparisons = validate(spec.load(output), graph, checks, graph.output_names, atol, rtol)
     return ExportResult(output, tuple(graph.output_names), comparisons)

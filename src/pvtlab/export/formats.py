@@ -6,6 +6,11 @@
 * ``exported_program``: ``torch.export`` saved as ``.pt2``; run with
   ``torch.export.load(path).module()``.
 
+Each file carries the checkpoint's description (`pvtlab.export.metadata`): ONNX as its
+``metadata_props``, the two others as the extra file `METADATA_FILE` (a JSON object), read with
+``torch.jit.load(path, _extra_files={METADATA_FILE: ""})`` or
+``torch.export.load(path, extra_files={METADATA_FILE: ""})``.
+
 The batch dimension is dynamic in all three, and so are height and width (multiples of
 `SIZE_DIVISOR`): ``torch.export`` is told so, and tracing records the size arithmetic as graph
 operations. The two validation sizes check it (`pvtlab.export.validation`).
@@ -13,8 +18,9 @@ operations. The two validation sizes check it (`pvtlab.export.validation`).
 
 from __future__ import annotations
 
+import json
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +32,7 @@ from pvtlab.export.graphs import SIZE_DIVISOR, ExportError
 
 Runner = Callable[[Tensor], tuple[Tensor, ...]]
 INPUT_NAME = "images"
+METADATA_FILE = "pvtlab_metadata.json"
 # Upper bounds of the dynamic dimensions (torch.export wants a range): 8192 pixels a side.
 MAX_BATCH = 1024
 MAX_SIDE_STEPS = 8192 // SIZE_DIVISOR
@@ -42,9 +49,14 @@ def export_program(graph: nn.Module, example: Tensor) -> ExportedProgram:
 
 
 def write_exported_program(
-    graph: nn.Module, example: Tensor, path: Path, output_names: Sequence[str]
+    graph: nn.Module,
+    example: Tensor,
+    path: Path,
+    output_names: Sequence[str],
+    metadata: Mapping[str, str],
 ) -> None:
-    torch.export.save(export_program(graph, example), path)
+    extra = {METADATA_FILE: json.dumps(dict(metadata))}
+    torch.export.save(export_program(graph, example), path, extra_files=extra)
 
 
 def load_exported_program(path: Path) -> Runner:
@@ -53,7 +65,11 @@ def load_exported_program(path: Path) -> Runner:
 
 
 def write_torchscript(
-    graph: nn.Module, example: Tensor, path: Path, output_names: Sequence[str]
+    graph: nn.Module,
+    example: Tensor,
+    path: Path,
+    output_names: Sequence[str],
+    metadata: Mapping[str, str],
 ) -> None:
     with torch.no_grad(), warnings.catch_warnings():
         # TorchScript is deprecated upstream; it is what this format asks for.
@@ -62,7 +78,7 @@ def write_torchscript(
         # graph's inputs never need); the two validation sizes check that the trace holds.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         traced = torch.jit.trace(graph, example, check_trace=False)
-        torch.jit.save(traced, str(path))
+        torch.jit.save(traced, str(path), _extra_files={METADATA_FILE: json.dumps(dict(metadata))})
 
 
 def load_torchscript(path: Path) -> Runner:
@@ -72,16 +88,23 @@ def load_torchscript(path: Path) -> Runner:
     return lambda images: tuple(module(images))
 
 
-def write_onnx(graph: nn.Module, example: Tensor, path: Path, output_names: Sequence[str]) -> None:
+def write_onnx(
+    graph: nn.Module,
+    example: Tensor,
+    path: Path,
+    output_names: Sequence[str],
+    metadata: Mapping[str, str],
+) -> None:
     _require("onnx", "onnxscript")
-    torch.onnx.export(
+    program = torch.onnx.export(
         export_program(graph, example),
-        f=str(path),
         input_names=[INPUT_NAME],
         output_names=list(output_names),
-        external_data=False,  # one self-contained file (ONNX's protobuf limit: 2 GB)
         verbose=False,
     )
+    program.model.metadata_props.update(metadata)
+    # one self-contained file (ONNX's protobuf limit: 2 GB)
+    program.save(str(path), external_data=False)
 
 
 def load_onnx(path: Path) -> Runner:
@@ -114,7 +137,7 @@ class Format:
 
     name: str
     suffix: str
-    write: Callable[[nn.Module, Tensor, Path, Sequence[str]], None]
+    write: Callable[[nn.Module, Tensor, Path, Sequence[str], Mapping[str, str]], None]
     load: Callable[[Path], Runner]
 
 

@@ -38,6 +38,8 @@ class TaskModule(L.LightningModule):
         model: the network (backbone + head) built by `pvtlab.pipeline.build_model`.
         model_config: plain description of `model` (backbone, head, num_classes), saved in the
             checkpoint so that `pvtlab.pipeline.load_task` can rebuild it without the run's config.
+            `pvtlab.pipeline.build_task` adds the run's task and data groups to the saved
+            hyperparameters (`pvtlab.run_config`), what `src/eval.py` evaluates with.
         optimizer: keyword arguments of `pvtlab.tasks.optim.build_optimizer`.
         scheduler: fields of `pvtlab.tasks.optim.ScheduleSpec`.
 

@@ -127,7 +127,7 @@ class DetectionTask(TaskModule):
         if self.predictions_dir and not self.trainer.sanity_checking:
             path = Path(self.predictions_dir) / f"{stage}_epoch{self.current_epoch:03d}.json"
         metrics, tables = self._evaluator(stage).compute(path)
-        if tables:
+        if tables and not self.trainer.sanity_checking:  # one table per real evaluation
             log.info("%s\n%s", f"{stage} predictions: {path}" if path else stage, tables)
         # Every process holds the same (broadcast) figures: the mean over processes is exact.
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, sync_dist=True)

@@ -9,6 +9,11 @@ A recipe's schedule is fitted to a run of another length (`fit_schedule`), with 
 a warm-up takes at most half the run, and step milestones scale with the run when the schedule
 names the length they were written for (`ScheduleSpec.epochs`); without it, milestones beyond
 the run are named as never firing.
+
+A run that would never change the weights (an lr of 0, every group's lr 0, a schedule at 0 on
+every step, no optimizer step at all) is a `ConfigError` naming the key: `check_updates` before
+anything is built, `build_optimizer` and `build_scheduler` for what only the model or the run's
+length decides.
 """
 
 from __future__ import annotations
@@ -19,13 +24,40 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
+
+from pvtlab.config import ConfigError
 
 log = logging.getLogger(__name__)
 
 # The largest share of a run that a warm-up may take; a longer one (a recipe's 5 epochs in a
 # 1-epoch run) is clipped to it, so that the run also trains at the schedule's own rates.
 WARMUP_LIMIT = 0.5
+# Steps of a run at which `build_scheduler` looks for a non-zero lr (spread over the run).
+LR_PROBES = 256
+
+
+def check_updates(cfg: DictConfig) -> None:
+    """A training run's config must update the weights: a positive `task.optimizer.lr` and at
+    least one optimizer step (`trainer.max_steps`, `trainer.max_epochs`). No-op unless
+    `train` is true."""
+    if not cfg.get("train", False):
+        return
+    lr = ((cfg.get("task") or {}).get("optimizer") or {}).get("lr")
+    if lr is not None and not float(lr) > 0:
+        raise ConfigError(
+            f"task.optimizer.lr={lr}: training with this learning rate never changes the "
+            "weights. Set a positive task.optimizer.lr, or train=false to only evaluate."
+        )
+    trainer = cfg.get("trainer") or {}
+    for key in ("max_steps", "max_epochs"):
+        if trainer.get(key) == 0:
+            raise ConfigError(
+                f"trainer.{key}=0 with train=true: the run ends before its first optimizer "
+                f"step. Set trainer.{key} to a positive value (-1 / null: no limit), or "
+                "train=false to only evaluate."
+            )
 
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:
@@ -107,6 +139,12 @@ def build_optimizer(
         no_decay_1d=no_weight_decay_1d,
         no_decay_module_lists=no_weight_decay_module_lists,
     )
+    if not any(group["lr"] > 0 for group in groups):
+        raise ConfigError(
+            f"every parameter group's lr is 0 (optimizer.lr={lr}, optimizer.lr_mults="
+            f"{dict(lr_mults or {})}): training would never change the weights. Set a positive "
+            "task.optimizer.lr and at least one non-zero multiplier."
+        )
     implementation = {"fused": True} if fused else {"foreach": True}
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **implementation)
@@ -257,9 +295,11 @@ def build_scheduler(
     if changes:
         log.warning("Schedule fitted to this run of %d steps: %s", total_steps, "; ".join(changes))
     if not spec.per_epoch:
-        return torch.optim.lr_scheduler.LambdaLR(
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_factor_fn(spec, total_steps, steps_per_epoch)
         )
+        _check_schedule_updates(scheduler, total_steps)
+        return scheduler
     total_epochs = round(total_steps / steps_per_epoch) if steps_per_epoch else 1
     lr_at = epoch_lr_fn(spec, total_epochs, steps_per_epoch)
     for group in optimizer.param_groups:
@@ -268,8 +308,29 @@ def build_scheduler(
     def group_factor(group: dict) -> Callable[[int], float]:
         # Reads the group's base lr at each step, so that the absolute warm-up start and floor
         # hold after a later rescaling of the base lr (ClassificationTask's batch scaling).
-        return lambda step: lr_at(step, group["initial_lr"]) / group["initial_lr"]
+        def factor(step: int) -> float:
+            base = group["initial_lr"]
+            return lr_at(step, base) / base if base else 0.0  # a frozen group stays at 0
 
-    return torch.optim.lr_scheduler.LambdaLR(
+        return factor
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, [group_factor(group) for group in optimizer.param_groups]
+    )
+    _check_schedule_updates(scheduler, total_steps)
+    return scheduler
+
+
+def _check_schedule_updates(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int) -> None:
+    """Raise a `ConfigError` when the schedule's lr is 0 for every group at every probed step
+    (its first, the end of a warm-up, evenly spread ones), so the run would never train."""
+    total = max(1, int(total_steps))
+    probes = sorted({0, 1, total - 1, *range(0, total, max(1, total // LR_PROBES))})
+    for base_lr, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        if base_lr > 0 and any(factor(step) > 0 for step in probes if step < total):
+            return
+    raise ConfigError(
+        f"the learning-rate schedule is 0 at every step of this {total}-step run (task.scheduler: "
+        "warmup_lr, min_lr, warmup_factor, min_factor, gamma and milestones, with "
+        "task.optimizer.lr): training would never change the weights."
     )
