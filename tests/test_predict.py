@@ -253,6 +253,25 @@ def test_bf16_mixed_precision_runs(trained: Trained) -> None:
         Predictor.from_checkpoint(trained.ckpt, "cpu", precision="64-true")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("trained", ["linear"], indirect=True)
+def test_compiled_predictions_equal_eager_ones(trained: Trained, tmp_path: Path) -> None:
+    eager_out, _ = predict_files(trained, tmp_path / "eager")
+    compiled_out, counts = predict_files(trained, tmp_path / "compiled", "compile=true")
+    assert counts["skipped"] == 0 and counts["predicted"] > 0
+    with (
+        (eager_out / "predictions.csv").open() as eager,
+        (compiled_out / "predictions.csv").open() as compiled,
+    ):
+        eager_rows, compiled_rows = list(csv.DictReader(eager)), list(csv.DictReader(compiled))
+    assert [row["file"] for row in compiled_rows] == [row["file"] for row in eager_rows]
+    for compiled_row, eager_row in zip(compiled_rows, eager_rows, strict=True):
+        assert compiled_row["class_1"] == eager_row["class_1"]
+        assert float(compiled_row["probability_1"]) == pytest.approx(
+            float(eager_row["probability_1"]), abs=1e-4
+        )
+
+
 @pytest.mark.parametrize("trained", ["linear"], indirect=True)
 def test_the_command_line(trained: Trained, tmp_path: Path) -> None:
     out = tmp_path / "cli"

@@ -288,6 +288,8 @@ def overfit_overrides(scenes: int, epochs: int) -> list[str]:
         "data.generator.polarity=any",
         "+data.splits.val_images=train2017",
         "+data.splits.val_annotations=annotations/instances_train2017.json",
+        "+data.splits.test_images=train2017",
+        "+data.splits.test_annotations=annotations/instances_train2017.json",
         "data.transforms.flip_prob=0",
         f"trainer.max_epochs={epochs}",
         f"trainer.check_val_every_n_epoch={epochs}",

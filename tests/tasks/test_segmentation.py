@@ -230,6 +230,7 @@ FIT_SMALL_SPLIT = [
     "data.generator.val_images=16",
     "data.generator.polarity=any",  # the scenes the floors below were measured on
     "++data.splits.val=training",
+    "++data.splits.test=training",
     "data.loader.batch_size=16",
     "data.transforms.ratio_range=[1.0,1.0]",
     "++data.transforms.photometric=false",
