@@ -45,9 +45,10 @@ def wandb_records(path: Path) -> Iterator[wandb_internal_pb2.Record]:
             yield record
 
 
-def read_run(run_dir: Path) -> dict[str, Any]:
-    """History rows, config and run facts of the one offline W&B run under `run_dir`."""
-    (offline,) = run_dir.glob("wandb/offline-run-*")
+def read_run(run_dir: Path, part: int = 0) -> dict[str, Any]:
+    """History rows, config and run facts of an offline W&B run under `run_dir`: the part-th
+    process's (a resumed run writes a second offline folder beside the first)."""
+    offline = sorted(run_dir.glob("wandb/offline-run-*"))[part]
     (log_file,) = offline.glob("run-*.wandb")
     out: dict[str, Any] = {"dir": offline, "history": [], "config": {}, "run": None}
     for record in wandb_records(log_file):
@@ -119,12 +120,13 @@ def test_offline_run_holds_metrics_images_config_and_resumes(tmp_path: Path) -> 
     assert config["model/params"] > 1e6 and 0 < config["model/gmacs"] < 1
     assert config["model/gmacs_input_size"] == [64, 64]
 
-    # Resuming from the first run's checkpoint continues its W&B run, from a new run folder.
+    # Resuming from the first run's checkpoint continues its W&B run, in the first run's folder.
     ckpt = first / "checkpoints" / "last.ckpt"
-    second = _run(tmp_path, "second", [*_overrides(tmp_path, 3), f"ckpt_path={ckpt}"])
-    resumed = read_run(second)
+    _run(tmp_path, "second", [*_overrides(tmp_path, 3), f"ckpt_path={ckpt}"])
+    assert len(list(first.glob("wandb/offline-run-*"))) == 2
+    resumed = read_run(first, part=1)
     assert resumed["run"].run_id == run_id
-    assert (second / RUN_ID_FILE).read_text().strip() == run_id
+    assert (first / RUN_ID_FILE).read_text().strip() == run_id
     epochs = {row["epoch"] for row in resumed["history"] if "val/acc1" in row}
     assert max(epochs) == 2 and 0 not in epochs  # trained on from the checkpoint
 
